@@ -1,0 +1,1 @@
+"""stablejax.md."""

@@ -1,1 +1,19 @@
-"""stablejax.md."""
+"""stablejax.md: replica-batched molecular dynamics (see ``Simulator``)."""
+
+from stablejax.md.integrators import NVE, BerendsenNPT, Langevin, NoseHooverChain
+from stablejax.md.io import write_trajectory
+from stablejax.md.neighbors import NeighborState
+from stablejax.md.simulator import History, MDState, Simulator, Trajectory
+
+__all__ = [
+    "NVE",
+    "BerendsenNPT",
+    "History",
+    "Langevin",
+    "MDState",
+    "NeighborState",
+    "NoseHooverChain",
+    "Simulator",
+    "Trajectory",
+    "write_trajectory",
+]

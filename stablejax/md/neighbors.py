@@ -1,0 +1,192 @@
+"""Replica-batched periodic neighbour lists on top of jax-md's Sparse lists.
+
+jax-md's ``partition.neighbor_list`` (Sparse format, fractional coordinates)
+builds the lists; its ``idx`` is exactly our ``edges`` [2, e] with padding n.
+What we do differently, and why:
+
+* Rebuild decision. jax-md's ``update`` decides with ``lax.cond`` on a
+  per-replica predicate; under ``vmap`` that cond becomes a select and the
+  list is rebuilt every step. We build with ``dr_threshold=0`` (update =
+  unconditional rebuild), decide per replica ourselves, and run the batched
+  rebuild under a ``lax.cond`` on the scalar "any replica needs it".
+  Each replica accepts the new list only if it needs one, so a replica's
+  edge history depends on its own trajectory alone (frozen/NaN replicas
+  cannot perturb the others, rewinds replay bitwise).
+* Box changes (Berendsen NPT). The rebuild criterion covers isotropic box
+  scaling: with s = L/L_ref, list radius r_l = cutoff + skin and d the largest
+  displacement since the build (current box units), no pair inside the cutoff
+  can be missing while s * r_l - 2 d >= cutoff. Fixed boxes reduce to the
+  usual d < skin / 2.
+* Capacity. Static shapes live in a host-side ``NeighborLayout`` (cell size,
+  cell capacity) and in the edge array's length. Overflow (edge or cell
+  buffer, or cells too small after the box shrank) is reported per replica in
+  ``NeighborState.error``; the Simulator grows the capacity and redoes the
+  chunk. jax-md 0.2.29 sets its MALFORMED_BOX bit for *valid* boxes when a
+  box is passed to ``update`` (inverted predicate), so that bit is ignored.
+
+Positions handed to the energy function stay unwrapped (continuous); only the
+cell list sees wrapped fractional coordinates.
+"""
+
+from __future__ import annotations
+
+import dataclasses as pydataclasses
+import math
+import warnings
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from jax_md import dataclasses, partition, space
+
+_NEIGHBOR_OVERFLOW = int(partition.PartitionErrorCode.NEIGHBOR_LIST_OVERFLOW)
+_CELL_OVERFLOW = int(partition.PartitionErrorCode.CELL_LIST_OVERFLOW)
+_CELL_TOO_SMALL = int(partition.PartitionErrorCode.CELL_SIZE_TOO_SMALL)
+ERROR_MASK = _NEIGHBOR_OVERFLOW | _CELL_OVERFLOW | _CELL_TOO_SMALL
+
+
+@dataclasses.dataclass
+class NeighborState:
+    """Per-replica neighbour list (leading replica axis when batched).
+
+    Attributes:
+      edges: [2, e] int32 directed edges, padding value n (jax-md Sparse idx).
+      reference: [n, 3] fractional (unwrapped) positions at the last build.
+      reference_box: [3] Å box at the last build.
+      error: [] uint8 jax-md PartitionErrorCode bits accumulated since the
+        list was last (re)allocated; non-zero means the results are invalid.
+    """
+
+    edges: Any
+    reference: Any
+    reference_box: Any
+    error: Any
+
+
+@pydataclasses.dataclass(frozen=True)
+class NeighborLayout:
+    """Static (host-side) shape information of a batch of neighbour lists."""
+
+    cutoff: float
+    skin: float
+    fns: Any
+    cell_size: Any
+    cell_capacity: int | None
+    cell_list_fn: Any
+    update_fn: Any
+
+
+def _wrap(u):
+    return jnp.mod(u, 1.0)
+
+
+def make_layout(cutoff: float, skin: float, positions, boxes, cell_capacity=None):
+    """Allocate a jax-md list on the replica with the smallest box to fix static shapes.
+
+    Args:
+      cutoff: interaction cutoff in Å.
+      skin: extra list radius in Å.
+      positions: [R, n, 3] Å.
+      boxes: [R, 3] Å.
+      cell_capacity: override of the cell-list capacity (grown on overflow).
+
+    Returns:
+      (layout, suggested edge capacity).
+    """
+    positions = np.asarray(positions)
+    boxes = np.asarray(boxes)
+    r = int(np.argmin(boxes.min(axis=1)))
+    box = jnp.asarray(boxes[r])
+    displacement, _ = space.periodic_general(box, fractional_coordinates=True)
+    fns = partition.neighbor_list(
+        displacement,
+        box,
+        r_cutoff=cutoff + skin,
+        dr_threshold=0.0,
+        format=partition.NeighborListFormat.Sparse,
+        fractional_coordinates=True,
+    )
+    template = fns.allocate(_wrap(jnp.asarray(positions[r]) / box), box=box)
+    cap = template.cell_list_capacity
+    if cell_capacity is not None and cap is not None:
+        cap = max(int(cell_capacity), int(cap))
+    layout = NeighborLayout(
+        cutoff=float(cutoff),
+        skin=float(skin),
+        fns=fns,
+        cell_size=template.cell_size,
+        cell_capacity=cap,
+        cell_list_fn=template.cell_list_fn,
+        update_fn=template.update_fn,
+    )
+    return layout, int(template.max_occupancy)
+
+
+def build(layout: NeighborLayout, position, box, capacity: int) -> NeighborState:
+    """Build one replica's list (vmappable, jittable).
+
+    Args:
+      layout: static layout from ``make_layout``.
+      position: [n, 3] Å (unwrapped).
+      box: [3] Å.
+      capacity: number of edge slots e.
+    """
+    n = position.shape[0]
+    u = position / box
+    template = partition.NeighborList(
+        idx=jnp.full((2, capacity), n, jnp.int32),
+        reference_position=_wrap(u),
+        error=partition.PartitionError(jnp.zeros((), jnp.uint8)),
+        cell_list_capacity=layout.cell_capacity,
+        max_occupancy=capacity,
+        format=partition.NeighborListFormat.Sparse,
+        cell_size=layout.cell_size,
+        cell_list_fn=layout.cell_list_fn,
+        update_fn=layout.update_fn,
+    )
+    with warnings.catch_warnings():
+        # jax-md scatters int64 candidate indices into int32 buffers under x64.
+        warnings.filterwarnings("ignore", message="scatter inputs have incompatible types")
+        nbr = layout.fns.update(_wrap(u), template, box=box)
+    edges = nbr.idx.astype(jnp.int32)
+    if edges.shape[1] < capacity:  # jax-md clips to the number of candidates
+        edges = jnp.pad(edges, ((0, 0), (0, capacity - edges.shape[1])), constant_values=n)
+    error = nbr.error.code & jnp.uint8(ERROR_MASK)
+    return NeighborState(edges=edges, reference=u, reference_box=box, error=error)
+
+
+def needs_rebuild(layout: NeighborLayout, nbr: NeighborState, position, box):
+    """Whether a replica's list may miss a pair within the cutoff (scalar bool)."""
+    u = position / box
+    displacement = jnp.max(jnp.linalg.norm((u - nbr.reference) * box, axis=-1))
+    scale = jnp.min(box / nbr.reference_box)
+    radius = layout.cutoff + layout.skin
+    return scale * radius - 2.0 * displacement < layout.cutoff
+
+
+def grow(layout: NeighborLayout, capacity: int, error_bits: int, positions, boxes, n: int):
+    """New (layout, capacity) after an overflow with the given OR-ed error bits."""
+    max_edges = n * (n - 1)
+    if error_bits & _NEIGHBOR_OVERFLOW:
+        capacity = min(max_edges, max(capacity + n, math.ceil(1.5 * capacity)))
+    cell_capacity = layout.cell_capacity
+    if error_bits & _CELL_OVERFLOW and cell_capacity is not None:
+        cell_capacity = math.ceil(1.5 * cell_capacity) + 1
+    if error_bits & (_CELL_TOO_SMALL | _CELL_OVERFLOW):
+        layout, suggested = make_layout(
+            layout.cutoff, layout.skin, positions, boxes, cell_capacity=cell_capacity
+        )
+        capacity = max(capacity, suggested)
+    return layout, capacity
+
+
+def error_message(bits: int) -> str:
+    """Readable description of jax-md partition error bits."""
+    parts = []
+    if bits & _NEIGHBOR_OVERFLOW:
+        parts.append("edge buffer overflow")
+    if bits & _CELL_OVERFLOW:
+        parts.append("cell buffer overflow")
+    if bits & _CELL_TOO_SMALL:
+        parts.append("cells too small for the shrunken box")
+    return ", ".join(parts) or "none"

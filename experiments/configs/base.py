@@ -1,0 +1,120 @@
+"""Fields shared by every experiment config (ml_collections).
+
+Every physical quantity states its unit in the field name or the comment.
+System configs (`aspirin.py`, `tetrapeptide.py`, `water.py`, `lj.py`) call
+`base_config()` and override fields; presets (`paper`, `quick`, `test`) are
+applied by the system config's `get_config(preset)`.
+"""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.system = ""
+    c.preset = ""
+    c.seed = 0
+    # Human-readable list of what this preset changes w.r.t. the paper.
+    c.reductions = ""
+
+    # --- data -----------------------------------------------------------------
+    c.data = ml_collections.ConfigDict()
+    # Path to a user file (sGDML/rMD17 npz, MDsim water .npy, extxyz). Empty:
+    # the package generates its own reference data (GFN2-xTB / SPC/Fw) and
+    # caches it under `cache_dir`.
+    c.data.path = ""
+    c.data.energy_unit = ""  # '' = the format's own default (kcal/mol for MD17/MD22/MDsim)
+    c.data.generator = ""  # 'aspirin' | 'tetrapeptide' | 'water'
+    c.data.n_frames = 1000  # frames to generate when no path is given
+    c.data.cache_dir = "~/.cache/stablejax"
+    c.data.n_train = 950
+    c.data.n_val = 50
+    c.data.split = "random"  # 'random' | 'contiguous'
+    # Frames of the dataset that are held out for evaluation initial states.
+    c.data.n_test = 0  # 0 = everything not in train/val
+
+    # --- model ----------------------------------------------------------------
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "schnet"
+
+    # --- QM pre-training --------------------------------------------------------
+    c.pretrain = ml_collections.ConfigDict()
+    c.pretrain.epochs = 100
+    c.pretrain.batch_size = 32
+    c.pretrain.lr = 1e-3
+    c.pretrain.warmup_steps = 100
+    c.pretrain.energy_weight = 1.0
+    c.pretrain.force_weight = 100.0
+    c.pretrain.patience = 20  # epochs without val force-MAE improvement
+    c.pretrain.ema_decay = 0.0  # 0 = off
+    c.pretrain.max_time_s = 0.0  # 0 = no wall-clock limit
+    c.pretrain.checkpoint_path = ""  # skip pre-training: load this saved model
+
+    # --- molecular dynamics (training) --------------------------------------------
+    c.md = ml_collections.ConfigDict()
+    c.md.temperature_K = 500.0
+    c.md.dt_fs = 0.5
+    c.md.integrator = "nose_hoover"  # 'nve' | 'langevin' | 'nose_hoover' | 'berendsen_npt'
+    c.md.tau_fs = 20.0  # Nose-Hoover / Berendsen temperature coupling time (fs)
+    c.md.friction_per_ps = 0.1  # Langevin friction (1/ps)
+    c.md.chain_length = 3
+    c.md.pressure_bar = 1.01325  # Berendsen NPT target pressure (bar)
+    c.md.tau_P_fs = 2000.0  # Berendsen NPT pressure coupling time (fs)
+    c.md.n_replicas = 128
+    c.md.steps_per_epoch = 2000  # T in the paper
+    c.md.check_every = 100  # steps between frames checked for stability
+    c.md.chunk_steps = 100
+    c.md.skin = 1.0  # neighbour-list skin (Å), periodic systems only
+
+    # --- stability criteria ---------------------------------------------------------
+    c.stability = ml_collections.ConfigDict()
+    c.stability.criterion = "bond_length_deviation"  # | 'min_intermolecular_distance'
+    c.stability.threshold = 0.25  # Å (training)
+    c.stability.eval_criterion = "bond_length_deviation"  # | 'rdf_mae'
+    c.stability.eval_threshold = 0.5  # Å, or RDF MAE units for 'rdf_mae'
+    c.stability.rdf_window_ps = 1.0  # averaging window of the RDF-MAE criterion (ps)
+
+    # --- training observable ----------------------------------------------------------
+    c.observable = ml_collections.ConfigDict()
+    c.observable.name = "distance_histogram"  # | 'oh_bond_length' | 'rdf'
+    c.observable.r_max = 10.0  # Å
+    c.observable.dr = 0.02  # Å
+    c.observable.sigma = 0.01  # Å (Gaussian smearing)
+
+    # --- StABlE training -----------------------------------------------------------
+    c.stable = ml_collections.ConfigDict()
+    c.stable.estimator = "global"  # 'global' | 'local'
+    c.stable.local_k_nearest = 0  # local estimator: molecules added around each centre
+    c.stable.lr = 1e-3
+    c.stable.qm_weight = 10.0  # lambda
+    c.stable.qm_batch_size = 32
+    c.stable.sample_every = 100  # steps between samples in a learning epoch
+    c.stable.batch_size = 40  # estimator minibatch (samples per backward pass)
+    c.stable.grad_clip = 1.0
+    c.stable.upper_threshold = 0.75  # unstable fraction that starts learning
+    c.stable.lower_threshold = 0.25  # unstable fraction that ends learning
+    c.stable.reset_fraction = 0.05  # stable replicas reset at the start of a simulation phase
+    c.stable.plateau_patience = 3  # learning steps without improvement before lr reduction
+    c.stable.plateau_factor = 0.5
+    c.stable.max_lr_reductions = 2
+    c.stable.max_epochs = 100  # simulation + learning epochs
+    c.stable.max_time_s = 0.0  # 0 = no wall-clock limit
+    c.stable.history_depth = 20  # stored earlier states per replica (random resets)
+
+    # --- evaluation ---------------------------------------------------------------
+    c.eval = ml_collections.ConfigDict()
+    c.eval.n_replicas = 256
+    c.eval.time_ps = 1000.0
+    c.eval.temperature_K = -1.0  # <0: same as md.temperature_K
+    c.eval.dt_fs = -1.0  # <0: same as md.dt_fs
+    c.eval.integrator = "langevin"
+    c.eval.friction_per_ps = 0.1
+    c.eval.tau_fs = 20.0
+    c.eval.record_every = 200  # steps between recorded frames (time resolution of stable time)
+    c.eval.vacf_window = 100  # steps
+    c.eval.n_test_frames = 200  # test frames for energy/force MAE
+    # Extra evaluation temperatures (K) with references reweighted from the data.
+    c.eval.transfer_temperatures_K = []
+    # Extra evaluation time steps (fs): the time-step study.
+    c.eval.timestep_study_fs = []
+    return c

@@ -1,0 +1,40 @@
+"""Shared command line of the experiments: `python -m experiments.<system> --config=... --workdir=...`."""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+
+def main(system: str) -> None:
+    """Defines the flags and runs the study of `system` (called by experiments/<system>.py)."""
+    config_flags.DEFINE_config_file(
+        "config",
+        f"experiments/configs/{system}.py:quick",
+        f"Experiment config, e.g. experiments/configs/{system}.py:quick (presets: paper, "
+        "quick, test). Override fields with --config.a.b=value.",
+        lock_config=True,
+    )
+    flags.DEFINE_string("workdir", f"runs/{system}", "Output folder (resumable).")
+
+    def _run(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        from experiments import pipeline
+
+        config = flags.FLAGS.config
+        if config.system != system:
+            raise app.UsageError(
+                f"--config is a {config.system!r} config; use experiments/configs/{system}.py"
+            )
+        try:
+            pipeline.run(config, flags.FLAGS.workdir)
+        except ValueError as err:
+            if str(err).startswith("config."):
+                print(f"error: {err}", file=sys.stderr)
+                sys.exit(2)
+            raise
+
+    app.run(_run)

@@ -1,0 +1,466 @@
+"""The whole StABlE study of one system, from a config: data -> QM pre-training ->
+StABlE training -> evaluation of baseline and StABlE models -> report.
+
+Every stage writes into the workdir and is resumable: data is cached, QM
+pre-training and StABlE training resume from their orbax checkpoints, and a
+finished stage is skipped when the run is started again with the same workdir.
+
+Layout of a workdir:
+  config.json            the resolved config
+  data.json              where the data came from (path, generator, sanity figures)
+  pretrain/              QM pre-training checkpoints and metrics.jsonl
+  stable/                StABlE checkpoints, metrics.jsonl, training_progress.png
+  models/{baseline,stable}/   saved models (params + config; `stablejax.potentials.io`)
+  eval/                  final_metrics.json, report.md, survival.png, observables, VACF
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from stablejax import observables, stability
+from stablejax.data import load, sample_initial_conditions, split_dataset
+from stablejax.data import topology as topo
+from stablejax.evaluation import EvalSettings, evaluate_model, structural_observables, write_report
+from stablejax.potentials import factory, normalization
+from stablejax.potentials import io as model_io
+from stablejax.training import qm
+from stablejax.training.metrics import plot_training_curves
+from stablejax.training.stable import (
+    ObservableTarget,
+    StableTrainer,
+    make_integrator,
+    make_simulator,
+)
+
+#: Evaluation RDF settings for periodic systems (Å): as MDsim/StABlE (unsmeared, 0-6 Å).
+RDF_EVAL = {"r_max": 6.0, "dr": 0.01, "sigma": 0.0}
+
+
+def log(msg: str) -> None:
+    print(f"[stablejax {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config checks (fail before any work)
+# ---------------------------------------------------------------------------------------------
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the field for values that would fail later."""
+
+    def need(cond, field, msg):
+        if not cond:
+            raise ValueError(f"config.{field}: {msg}")
+
+    d = config.data
+    if d.path:
+        need(os.path.exists(os.path.expanduser(d.path)), "data.path", f"no such file {d.path!r}")
+    else:
+        need(
+            d.generator in ("aspirin", "tetrapeptide", "water", "lj"),
+            "data.generator",
+            f"unknown generator {d.generator!r} (and no data.path given)",
+        )
+    need(d.n_train >= 2, "data.n_train", "must be >= 2")
+    need(d.split in ("random", "contiguous", "percent"), "data.split", f"unknown {d.split!r}")
+    need(
+        config.md.integrator in ("nve", "langevin", "nose_hoover", "berendsen_npt"),
+        "md.integrator",
+        f"unknown {config.md.integrator!r}",
+    )
+    need(config.md.n_replicas >= 1, "md.n_replicas", "must be >= 1")
+    need(config.md.dt_fs > 0, "md.dt_fs", "must be > 0")
+    need(
+        config.md.steps_per_epoch % config.md.check_every == 0,
+        "md.steps_per_epoch",
+        f"must be a multiple of md.check_every ({config.md.check_every})",
+    )
+    need(
+        config.stable.sample_every % config.md.check_every == 0,
+        "stable.sample_every",
+        f"must be a multiple of md.check_every ({config.md.check_every})",
+    )
+    need(
+        config.stable.estimator in ("global", "local"),
+        "stable.estimator",
+        f"unknown {config.stable.estimator!r}",
+    )
+    need(
+        config.stability.criterion
+        in ("bond_length_deviation", "min_intermolecular_distance", "rdf_mae"),
+        "stability.criterion",
+        f"unknown {config.stability.criterion!r}",
+    )
+    need(
+        config.stability.eval_criterion
+        in ("bond_length_deviation", "min_intermolecular_distance", "rdf_mae"),
+        "stability.eval_criterion",
+        f"unknown {config.stability.eval_criterion!r}",
+    )
+    need(
+        config.observable.name in ("distance_histogram", "oh_bond_length", "rdf"),
+        "observable.name",
+        f"unknown {config.observable.name!r}",
+    )
+    need(
+        config.eval.integrator in ("nve", "langevin", "nose_hoover", "berendsen_npt"),
+        "eval.integrator",
+        f"unknown {config.eval.integrator!r}",
+    )
+    need(config.eval.time_ps > 0, "eval.time_ps", "must be > 0")
+    need(config.model.name in factory.ARCHITECTURES + factory.PAIR_POTENTIALS, "model.name", "?")
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+# ---------------------------------------------------------------------------------------------
+
+
+def load_data(config, workdir):
+    """The dataset: the user's file, or the package's generated (cached) reference data."""
+    d = config.data
+    if d.path:
+        options = {"energy_unit": d.energy_unit} if d.energy_unit else {}
+        path = os.path.expanduser(d.path)
+        info = {"source": "user file", "path": os.path.abspath(path)}
+    else:
+        from stablejax.data.generate import ensure_dataset
+
+        cache = os.path.expanduser(d.cache_dir)
+        log(f"generating/loading {d.generator} reference data ({d.n_frames} frames) in {cache}")
+        path = str(
+            ensure_dataset(d.generator, out_dir=cache, n_frames=d.n_frames, seed=config.seed)
+        )
+        options = {}
+        info = {"source": "generated by stablejax.data.generate", "path": path}
+        side = os.path.splitext(path)[0] + ".json"
+        if os.path.exists(side):
+            with open(side) as f:
+                info["generator"] = json.load(f)
+    dataset = load(path, **options)
+    info.update(n_frames=dataset.n_frames, n_atoms=dataset.n_atoms, metadata=str(dataset.metadata))
+    with open(os.path.join(workdir, "data.json"), "w") as f:
+        json.dump(info, f, indent=2, default=str)
+    return dataset
+
+
+def split(config, dataset):
+    d = config.data
+    if d.split == "percent":
+        kw = dict(train=d.n_train / dataset.n_frames, val=d.n_val / dataset.n_frames)
+        mode = "random"
+    else:
+        kw = dict(train=d.n_train, val=d.n_val)
+        mode = d.split
+    test = d.n_test if d.n_test else None
+    return split_dataset(dataset, test=test, mode=mode, seed=config.seed, **kw)
+
+
+def system_topology(dataset, train):
+    bonds = topo.find_bonds(dataset.species, train.positions[0], box=dataset.box)
+    eq = topo.equilibrium_bond_lengths(train.positions, bonds, box=dataset.box)
+    mol = topo.molecules(dataset.n_atoms, bonds)
+    return bonds, eq, mol
+
+
+def build_model(config, dataset, train):
+    potential = factory.build(config.model)
+    key = jax.random.PRNGKey(config.seed)
+    params = potential.init(key, dataset.species, train.positions[0], dataset.box)
+    params = normalization.fit_energy_normalization(params, train)
+    return potential, params
+
+
+def pretrain(config, potential, params, train, val, workdir):
+    if config.pretrain.checkpoint_path:
+        _, loaded = model_io.load_model(os.path.expanduser(config.pretrain.checkpoint_path))
+        log(f"pre-trained model loaded from {config.pretrain.checkpoint_path}")
+        return loaded
+    log(f"QM pre-training on {train.n_frames} frames ({val.n_frames} validation)")
+    cfg = {k: v for k, v in config.pretrain.items() if k in qm.default_config()}
+    cfg["seed"] = int(config.seed)
+    params, history = qm.train_qm(
+        potential, params, train, val, config=cfg, workdir=os.path.join(workdir, "pretrain")
+    )
+    if history:
+        last = history[-1]
+        log(
+            f"pre-training done: val force MAE {last.get('val_force_mae_meV_per_A', float('nan')):.1f}"
+            f" meV/Å after {last.get('epoch')} epochs"
+        )
+    return params
+
+
+def training_criterion(config, dataset, bonds, eq, mol, *, evaluation=False, ref_rdfs=None):
+    s = config.stability
+    name = s.eval_criterion if evaluation else s.criterion
+    threshold = s.eval_threshold if evaluation else s.threshold
+    if name == "bond_length_deviation":
+        return stability.bond_length_criterion(bonds, eq, threshold=threshold, box=dataset.box)
+    if name == "min_intermolecular_distance":
+        return stability.intermolecular_distance_criterion(
+            mol, threshold=threshold, box=dataset.box
+        )
+    if name == "rdf_mae":
+        return stability.rdf_mae_criterion(
+            dataset.species, dataset.box, ref_rdfs, threshold=threshold, **RDF_EVAL
+        )
+    raise ValueError(f"config.stability.criterion: unknown {name!r}")
+
+
+def observable_target(config, dataset, train, bonds, mol) -> ObservableTarget:
+    o = config.observable
+    box = dataset.box
+    if o.name == "distance_histogram":
+
+        def fn(x):
+            return observables.distance_histogram(x, r_max=o.r_max, dr=o.dr, sigma=o.sigma, box=box)
+
+        ref = np.asarray(jax.jit(jax.vmap(fn))(jnp.asarray(train.positions))).mean(axis=0)
+        return ObservableTarget("h(r)", ref, observable_fn=fn)
+    if o.name == "rdf":
+
+        def fn(x):
+            return observables.radial_distribution_function(
+                x, None, box, pair=None, r_max=o.r_max, dr=o.dr, sigma=o.sigma
+            )
+
+        ref = np.asarray(jax.jit(jax.vmap(fn))(jnp.asarray(train.positions))).mean(axis=0)
+        return ObservableTarget("g(r)", ref, observable_fn=fn)
+    if o.name == "oh_bond_length":
+        z = np.asarray(dataset.species)
+        zb = np.sort(z[bonds], axis=1)
+        oh = bonds[(zb[:, 0] == 1) & (zb[:, 1] == 8)]
+        if len(oh) == 0:
+            raise ValueError("observable.name='oh_bond_length' but the system has no O-H bonds")
+        lengths = observables.bond_lengths(jnp.asarray(train.positions), oh, box)
+        ref = np.asarray(jnp.mean(lengths)).reshape(1)
+        if config.stable.estimator == "local":
+            from stablejax.estimator import neighbourhood_membership
+
+            if config.stable.local_k_nearest:
+                members = neighbourhood_membership(
+                    mol, train.positions[0], k=config.stable.local_k_nearest, box=box
+                )
+            else:
+                members = np.stack([mol == m for m in np.unique(mol)])
+            bond_atom = jnp.asarray(oh[:, 0])
+
+            def local_fn(x, member_mask):
+                lengths = observables.bond_lengths(x, oh, box)
+                w = member_mask[bond_atom].astype(lengths.dtype)
+                return (jnp.sum(w * lengths) / jnp.maximum(jnp.sum(w), 1.0)).reshape(1)
+
+            return ObservableTarget(
+                "O-H bond length", ref, local_observable_fn=local_fn, membership=np.asarray(members)
+            )
+
+        def fn(x):
+            return jnp.mean(observables.bond_lengths(x, oh, box)).reshape(1)
+
+        return ObservableTarget("O-H bond length", ref, observable_fn=fn)
+    raise ValueError(f"config.observable.name: unknown {o.name!r}")
+
+
+def stable_train(config, potential, params, dataset, train, target, criterion, workdir):
+    R = config.md.n_replicas
+    init = sample_initial_conditions(
+        train, R, seed=config.seed, replace=R > train.n_frames
+    ).positions
+    qm_frames = None
+    if config.stable.qm_weight > 0:
+        qm_frames = qm.prepare_frames(train, potential, dtype=jax.tree.leaves(params)[0].dtype)
+    out = os.path.join(workdir, "stable")
+    trainer = StableTrainer(
+        potential=potential,
+        params=params,
+        species=dataset.species,
+        box=dataset.box,
+        config=config,
+        criterion=criterion,
+        target=target,
+        qm_frames=qm_frames,
+        initial_positions=init,
+        workdir=out,
+    )
+    log(
+        f"StABlE training: {R} replicas, {config.md.steps_per_epoch} steps/epoch, "
+        f"up to {config.stable.max_epochs} epochs"
+    )
+    params = trainer.run()
+    history = trainer.history
+    if history:
+        plot_training_curves(
+            history,
+            os.path.join(out, "training_progress.png"),
+            keys=("unstable_fraction", "lr"),
+            x_key="epoch",
+        )
+    return params, history
+
+
+def evaluate(config, potential, models, dataset, test, bonds, eq, mol, workdir, *, suffix=""):
+    """Evaluates every model in `models` on the same held-out initial states."""
+    e = config.eval
+    temperature = e.temperature_K if e.temperature_K > 0 else config.md.temperature_K
+    dt = e.dt_fs if e.dt_fs > 0 else config.md.dt_fs
+    box = dataset.box
+    if box is not None:
+        obs_settings = dict(RDF_EVAL)
+    else:
+        o = config.observable
+        r_max = o.r_max if o.name == "distance_histogram" else 10.0
+        obs_settings = {"r_max": r_max, "dr": o.dr, "sigma": o.sigma}
+    ref_frames = jnp.asarray(dataset.positions[:: max(1, dataset.n_frames // 500)])
+    reference = {
+        k: np.asarray(v).mean(axis=0)
+        for k, v in jax.jit(
+            lambda x: structural_observables(x, dataset.species, box, **obs_settings)
+        )(ref_frames).items()
+    }
+    ref_rdfs = None
+    if config.stability.eval_criterion == "rdf_mae":
+        from stablejax.evaluation import WATER_PAIRS
+
+        ref_rdfs = {
+            p: np.asarray(
+                observables.radial_distribution_function(
+                    ref_frames, dataset.species, box, pair=p, **RDF_EVAL
+                )
+            ).mean(axis=0)
+            for p in WATER_PAIRS
+        }
+    criterion = training_criterion(
+        config, dataset, bonds, eq, mol, evaluation=True, ref_rdfs=ref_rdfs
+    )
+    window = 1
+    frame_ps = e.record_every * dt / 1000.0
+    if config.stability.eval_criterion == "rdf_mae":
+        window = max(1, int(round(config.stability.rdf_window_ps / frame_ps)))
+    settings = EvalSettings(
+        time_ps=e.time_ps,
+        dt_fs=dt,
+        temperature_K=temperature,
+        record_every=e.record_every,
+        vacf_window=e.vacf_window,
+        window_frames=window,
+    )
+    integrator = make_integrator(
+        e.integrator,
+        dt_fs=dt,
+        tau_fs=e.tau_fs,
+        friction_per_ps=e.friction_per_ps,
+        chain_length=config.md.chain_length,
+        pressure_bar=config.md.pressure_bar,
+        tau_P_fs=config.md.tau_P_fs,
+    )
+    sim = make_simulator(potential, dataset.species, box, config.md, integrator=integrator)
+    pool = test if test.n_frames > 0 else dataset
+    init = sample_initial_conditions(
+        pool, e.n_replicas, seed=config.seed + 1, replace=e.n_replicas > pool.n_frames
+    ).positions
+    n_test = min(e.n_test_frames, test.n_frames) if test.n_frames else 0
+    results, qm_metrics = {}, {}
+    for name, params in models.items():
+        log(
+            f"evaluating {name}{suffix}: {e.n_replicas} replicas x {e.time_ps} ps at {temperature} K"
+        )
+        results[name] = evaluate_model(
+            sim,
+            params,
+            init,
+            settings=settings,
+            criterion=criterion,
+            species=dataset.species,
+            box=box,
+            observable_settings=obs_settings,
+            key=jax.random.PRNGKey(config.seed + 7),
+            label=name,
+        )
+        if n_test:
+            qm_metrics[name] = qm.evaluate(
+                potential, params, test.subset(np.arange(n_test)), batch_size=8
+            )
+    bins = observables.bin_centers(obs_settings["r_max"], obs_settings["dr"])
+    out_dir = os.path.join(workdir, "eval" + suffix)
+    title = f"StABlE evaluation: {config.system} ({config.preset}){suffix}"
+    notes = f"Evaluation: {e.integrator}, {temperature} K, dt {dt} fs, criterion " + (
+        f"{criterion.name} (threshold {criterion.threshold})."
+    )
+    if config.reductions:
+        notes += f"\n\nPreset reductions w.r.t. the paper: {config.reductions}"
+    final = write_report(
+        out_dir,
+        results,
+        reference=reference,
+        bins=bins,
+        dr=obs_settings["dr"],
+        qm_metrics=qm_metrics,
+        title=title,
+        notes=notes,
+    )
+    return final, out_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole study
+# ---------------------------------------------------------------------------------------------
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Runs the study described by `config` in `workdir` (resumable); returns final metrics."""
+    validate_config(config)
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    t0 = time.time()
+    dataset = load_data(config, workdir)
+    train, val, test = split(config, dataset)
+    log(
+        f"data: {dataset.n_frames} frames of {dataset.n_atoms} atoms "
+        f"(train {train.n_frames}, val {val.n_frames}, test {test.n_frames})"
+    )
+    bonds, eq, mol = system_topology(dataset, train)
+    potential, params = build_model(config, dataset, train)
+
+    models_dir = os.path.join(workdir, "models")
+    base_path = os.path.join(models_dir, "baseline")
+    if os.path.exists(base_path):
+        _, baseline = model_io.load_model(base_path)
+        log(f"baseline model loaded from {base_path}")
+    else:
+        baseline = pretrain(config, potential, params, train, val, workdir)
+        model_io.save_model(base_path, config.model, baseline)
+
+    stable_path = os.path.join(models_dir, "stable")
+    criterion = training_criterion(config, dataset, bonds, eq, mol)
+    target = observable_target(config, dataset, train, bonds, mol)
+    if os.path.exists(stable_path):
+        _, stable_params = model_io.load_model(stable_path)
+        log(f"StABlE model loaded from {stable_path}")
+    else:
+        stable_params, _ = stable_train(
+            config, potential, baseline, dataset, train, target, criterion, workdir
+        )
+        model_io.save_model(stable_path, config.model, stable_params)
+
+    models = {"baseline": baseline, "stable": stable_params}
+    final, out_dir = evaluate(config, potential, models, dataset, test, bonds, eq, mol, workdir)
+    log(f"done in {time.time() - t0:.0f} s")
+    for name in models:
+        m = final[name]
+        log(
+            f"{name:>8}: median stable time {m['median_stable_time_ps']:.2f} ps "
+            f"(mean {m['mean_stable_time_ps']:.2f} ps, {m['n_unstable']}/{m['n_replicas']} unstable)"
+        )
+    log(f"outputs: {workdir} (report: {os.path.join(out_dir, 'report.md')})")
+    return final

@@ -272,7 +272,9 @@ def read_sgdml_npz(
         file's ``e_unit`` if present, else kcal/mol (the MD17/MD22 convention).
       length_unit: unit of ``R``. Default: the file's ``r_unit``, else Å.
       frame_interval_fs: time between frames in fs if the frames are a trajectory
-        (default: the file's ``frame_interval_fs`` key, else None).
+        (default: the file's ``frame_interval_fs`` key, else None). Generated files hold
+        several trajectories back to back; ``metadata['trajectory_starts']`` lists
+        the first frame of each.
 
     Returns:
       A Dataset in Å, eV, eV/Å.
@@ -297,6 +299,8 @@ def read_sgdml_npz(
         s = _as_str(data.get(key))
         if s is not None:
             metadata[key] = s
+    if "trajectory_starts" in data:
+        metadata["trajectory_starts"] = np.asarray(data["trajectory_starts"], np.int64)
     positions = np.asarray(data["R"], dtype=np.float64) * r_scale
     if box is not None:
         positions = np.mod(positions, box)
@@ -319,11 +323,13 @@ def write_sgdml_npz(
     energy_unit: str = "kcal/mol",
     theory: str | None = None,
     name: str | None = None,
+    extra: dict | None = None,
 ) -> Path:
     """Writes a Dataset as an sGDML npz (``R`` Å, ``E``/``F`` in `energy_unit`), atomically.
 
     The unit is stored in ``e_unit``/``r_unit`` so :func:`read_sgdml_npz` reads it back.
     `theory` (e.g. ``'GFN2-xTB'``) labels the level of theory; never call xTB data DFT.
+    `extra` adds arrays (e.g. ``trajectory_starts``, read back into metadata).
     """
     if dataset.energies is None or dataset.forces is None:
         raise ValueError("write_sgdml_npz needs energies and forces")
@@ -345,6 +351,7 @@ def write_sgdml_npz(
         arrays["lattice"] = np.diag(np.asarray(dataset.box, np.float64))
     if dataset.frame_interval_fs is not None:
         arrays["frame_interval_fs"] = np.array(float(dataset.frame_interval_fs))
+    arrays.update(extra or {})
     return _atomic_write(path, lambda f: np.savez(f, **arrays))
 
 

@@ -1,0 +1,320 @@
+"""Stability criteria (paper Sec. A.5) and first-passage / survival statistics.
+
+Three criteria decide when a replica has become unstable:
+
+* max bond-length deviation (MD17/MD22 molecules, after Fu et al. 2022):
+  max_b |l_b(x) - l_b^eq| > threshold, 0.25 Å during training, 0.5 Å for evaluation;
+* minimum intermolecular distance (water, training): the closest pair of atoms on
+  different molecules is nearer than 1.2 Å;
+* RDF mean absolute error (water, evaluation): the RDF averaged over a time window
+  deviates from the reference by more than 3.0 (see `rdf_mae` for the definition),
+  for any of the O-O, H-H, H-O RDFs.
+
+Metric functions take one frame `[n, 3]` (RDF: one window `[t, n, 3]`) and also any
+leading batch axes (`[replicas, frames, ...]`), returning one value per frame (window).
+The `StabilityCriterion` bundles a metric with its threshold and direction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from stablejax import observables
+
+#: Max bond-length deviation (Å) that marks a replica unstable during training.
+BOND_DEVIATION_TRAIN_THRESHOLD = 0.25
+#: Max bond-length deviation (Å) that marks a simulation unstable in evaluation.
+BOND_DEVIATION_EVAL_THRESHOLD = 0.5
+#: Minimum intermolecular distance (Å) below which a water replica is unstable (training).
+MIN_INTERMOLECULAR_DISTANCE_THRESHOLD = 1.2
+#: RDF MAE (Å, see `rdf_mae`) above which a water simulation is unstable (evaluation).
+RDF_MAE_THRESHOLD = 3.0
+#: Water RDFs checked by the RDF criterion: O-O, H-H, H-O.
+WATER_RDF_PAIRS = ((8, 8), (1, 1), (1, 8))
+
+
+# ------------------------------------------------------------------------- metrics
+
+
+def max_bond_deviation(positions: jax.Array, bonds, equilibrium_lengths, box=None) -> jax.Array:
+    """Largest absolute deviation of any bond from its equilibrium length.
+
+    Args:
+      positions: [..., n, 3] Å.
+      bonds: [b, 2] int atom pairs (`stablejax.data.topology.find_bonds`).
+      equilibrium_lengths: [b] Å, mean bond lengths over reference data
+        (`stablejax.data.topology.equilibrium_bond_lengths`).
+      box: [3] Å orthorhombic box, or None.
+
+    Returns:
+      [...] Å; unstable above BOND_DEVIATION_TRAIN_THRESHOLD (0.25) in training and
+      BOND_DEVIATION_EVAL_THRESHOLD (0.5) in evaluation.
+    """
+    lengths = observables.bond_lengths(positions, bonds, box)
+    eq = jnp.asarray(equilibrium_lengths, dtype=lengths.dtype)
+    if eq.shape != lengths.shape[-1:]:
+        raise ValueError(
+            f"equilibrium_lengths must have shape [{lengths.shape[-1]}], got {eq.shape}"
+        )
+    return jnp.max(jnp.abs(lengths - eq), axis=-1)
+
+
+def intermolecular_pairs(molecule_index, exclude_pairs=None) -> np.ndarray:
+    """All atom pairs (i < j) on different molecules, minus an optional exclusion list.
+
+    Args:
+      molecule_index: [n] int molecule label per atom (`stablejax.data.topology.molecules`).
+      exclude_pairs: [p, 2] int pairs to leave out (either order), or None.
+
+    Returns:
+      [q, 2] int64 NumPy array of pairs.
+    """
+    mol = np.asarray(molecule_index)
+    if mol.ndim != 1:
+        raise ValueError(f"molecule_index must have shape [n], got {mol.shape}")
+    i, j = np.triu_indices(len(mol), k=1)
+    keep = mol[i] != mol[j]
+    if exclude_pairs is not None and len(exclude_pairs):
+        ex = np.asarray(exclude_pairs, dtype=np.int64).reshape(-1, 2)
+        lo, hi = np.minimum(ex[:, 0], ex[:, 1]), np.maximum(ex[:, 0], ex[:, 1])
+        n = len(mol)
+        keep &= ~np.isin(i * n + j, lo * n + hi)
+    pairs = np.stack([i[keep], j[keep]], axis=1)
+    if len(pairs) == 0:
+        raise ValueError("no intermolecular pairs: all atoms are on one molecule")
+    return pairs
+
+
+def min_intermolecular_distance(
+    positions: jax.Array, molecule_index, box=None, *, exclude_pairs=None
+) -> jax.Array:
+    """Smallest distance between two atoms on different molecules (minimum image).
+
+    Atoms on different molecules are never bonded (molecules are connected components
+    of the bond graph), so this is the paper's minimum over non-bonded pairs; an
+    explicit `exclude_pairs` list can remove more pairs.
+
+    Args:
+      positions: [..., n, 3] Å.
+      molecule_index: [n] int molecule label per atom (concrete).
+      box: [3] Å orthorhombic box, or None.
+      exclude_pairs: [p, 2] int pairs to ignore, or None.
+
+    Returns:
+      [...] Å; unstable below MIN_INTERMOLECULAR_DISTANCE_THRESHOLD (1.2 Å).
+    """
+    pairs = intermolecular_pairs(molecule_index, exclude_pairs)
+    return jnp.min(observables.bond_lengths(positions, pairs, box), axis=-1)
+
+
+def rdf_mae(rdf_frames: jax.Array, reference_rdf: jax.Array, *, dr: float, window=None):
+    """RDF error of a time window: integral of |<g>_window(r) - g_ref(r)| dr.
+
+    Definition (as in MDsim/StABlE's WaterRDFMAE): the RDF is first averaged over the
+    frames of the window, then MAE = r_max * mean_k |<g>(r_k) - g_ref(r_k)|
+    = dr * sum_k |<g>(r_k) - g_ref(r_k)|, i.e. the L1 distance between the curves
+    over [0, r_max], in Å. The paper's threshold is 3.0 with r_max = 6 Å, over a
+    10 ps window, for any of the O-O, H-H, H-O RDFs.
+
+    Args:
+      rdf_frames: [..., t, n_bins] per-frame RDFs (`radial_distribution_function`).
+      reference_rdf: [n_bins] reference RDF on the same bins.
+      dr: bin width, Å.
+      window: frames per window, or None for one window over all t frames. With a
+        window, consecutive non-overlapping windows are scored (a trailing partial
+        window is dropped).
+
+    Returns:
+      [...] (window None) or [..., t // window] MAE in Å.
+    """
+    rdf_frames = jnp.asarray(rdf_frames)
+    ref = jnp.asarray(reference_rdf, dtype=rdf_frames.dtype)
+    if rdf_frames.ndim < 2 or ref.shape != rdf_frames.shape[-1:]:
+        raise ValueError(
+            f"rdf_frames [..., t, n_bins] and reference_rdf [n_bins] disagree: "
+            f"{rdf_frames.shape} vs {ref.shape}"
+        )
+    if window is None:
+        mean = jnp.mean(rdf_frames, axis=-2)
+    else:
+        t = rdf_frames.shape[-2]
+        if not 1 <= window <= t:
+            raise ValueError(f"window must be in [1, t={t}], got {window}")
+        n_win = t // window
+        x = rdf_frames[..., : n_win * window, :]
+        x = x.reshape(x.shape[:-2] + (n_win, window, x.shape[-1]))
+        mean = jnp.mean(x, axis=-2)
+    return dr * jnp.sum(jnp.abs(mean - ref), axis=-1)
+
+
+def max_rdf_mae(
+    positions: jax.Array,
+    species,
+    box,
+    reference_rdfs: Mapping[tuple[int, int], jax.Array],
+    *,
+    r_max: float = 6.0,
+    dr: float = 0.01,
+    sigma: float = 0.0,
+    window=None,
+) -> jax.Array:
+    """Largest `rdf_mae` over several element-pair RDFs (water: O-O, H-H, H-O).
+
+    The reference RDFs must be computed with the same r_max, dr and sigma (default
+    sigma 0: plain histograms, as in the reference implementation).
+
+    Args:
+      positions: [..., t, n, 3] Å, frames of one or more windows.
+      species: [n] atomic numbers (concrete).
+      box: [3] Å orthorhombic box.
+      reference_rdfs: {(a, b): [n_bins] reference g_ab(r)}, e.g. for `WATER_RDF_PAIRS`.
+      r_max, dr, sigma: RDF settings, Å (see `radial_distribution_function`).
+      window: frames per window (see `rdf_mae`), or None for one window.
+
+    Returns:
+      [...] or [..., t // window] Å; unstable above RDF_MAE_THRESHOLD (3.0).
+    """
+    if not reference_rdfs:
+        raise ValueError("reference_rdfs is empty")
+    maes = [
+        rdf_mae(
+            observables.radial_distribution_function(
+                positions, species, box, pair=pair, r_max=r_max, dr=dr, sigma=sigma
+            ),
+            ref,
+            dr=dr,
+            window=window,
+        )
+        for pair, ref in reference_rdfs.items()
+    ]
+    return jnp.max(jnp.stack(maes), axis=0)
+
+
+# ------------------------------------------------------------------- criteria
+
+
+class StabilityCriterion(NamedTuple):
+    """A stability metric with its threshold.
+
+    Attributes:
+      name: short label ('bond_length_deviation', 'min_intermolecular_distance', 'rdf_mae').
+      metric: positions [..., n, 3] (RDF: [..., t, n, 3]) -> [...] metric value.
+      threshold: the value at which the metric marks instability (Å).
+      unstable_below: True if values below the threshold are unstable (distances),
+        False if values above it are (deviations, errors).
+    """
+
+    name: str
+    metric: Callable[[jax.Array], jax.Array]
+    threshold: float
+    unstable_below: bool = False
+
+    def is_unstable(self, positions: jax.Array) -> jax.Array:
+        """[...] bool: whether each frame (window) crosses the threshold."""
+        return self.flags(self.metric(positions))
+
+    def flags(self, values: jax.Array) -> jax.Array:
+        """[...] bool from precomputed metric values."""
+        values = jnp.asarray(values)
+        return values < self.threshold if self.unstable_below else values > self.threshold
+
+
+def bond_length_criterion(
+    bonds, equilibrium_lengths, *, threshold: float = BOND_DEVIATION_TRAIN_THRESHOLD, box=None
+) -> StabilityCriterion:
+    """Max bond-length deviation criterion (0.25 Å training default; 0.5 Å for evaluation)."""
+    bonds = np.asarray(bonds)
+    eq = np.asarray(equilibrium_lengths)
+    return StabilityCriterion(
+        name="bond_length_deviation",
+        metric=lambda positions: max_bond_deviation(positions, bonds, eq, box),
+        threshold=float(threshold),
+    )
+
+
+def intermolecular_distance_criterion(
+    molecule_index,
+    *,
+    threshold: float = MIN_INTERMOLECULAR_DISTANCE_THRESHOLD,
+    box=None,
+    exclude_pairs=None,
+) -> StabilityCriterion:
+    """Minimum intermolecular distance criterion (unstable below 1.2 Å by default)."""
+    pairs = intermolecular_pairs(molecule_index, exclude_pairs)
+
+    def metric(positions):
+        return jnp.min(observables.bond_lengths(positions, pairs, box), axis=-1)
+
+    return StabilityCriterion(
+        name="min_intermolecular_distance",
+        metric=metric,
+        threshold=float(threshold),
+        unstable_below=True,
+    )
+
+
+def rdf_mae_criterion(
+    species,
+    box,
+    reference_rdfs: Mapping[tuple[int, int], jax.Array],
+    *,
+    threshold: float = RDF_MAE_THRESHOLD,
+    r_max: float = 6.0,
+    dr: float = 0.01,
+    sigma: float = 0.0,
+) -> StabilityCriterion:
+    """RDF MAE criterion over a window of frames [..., t, n, 3] (unstable above 3.0)."""
+    species = np.asarray(species)
+    refs = dict(reference_rdfs)
+    return StabilityCriterion(
+        name="rdf_mae",
+        metric=lambda positions: max_rdf_mae(
+            positions, species, box, refs, r_max=r_max, dr=dr, sigma=sigma
+        ),
+        threshold=float(threshold),
+    )
+
+
+# ------------------------------------------------------------ first passage, survival
+
+
+def first_unstable_time(unstable_flags, frame_times) -> jax.Array:
+    """Time of the first unstable frame of each replica (inf if it never became unstable).
+
+    Args:
+      unstable_flags: [..., t] bool per replica and frame (e.g. `criterion.is_unstable`).
+      frame_times: [t] times of the frames in any unit (ps for survival curves).
+
+    Returns:
+      [...] float first-passage times, +inf for replicas that stayed stable.
+    """
+    flags = jnp.asarray(unstable_flags, dtype=bool)
+    times = jnp.asarray(frame_times)
+    if not jnp.issubdtype(times.dtype, jnp.floating):
+        times = times.astype(jnp.result_type(float))
+    if flags.ndim < 1 or times.shape != flags.shape[-1:]:
+        raise ValueError(f"frame_times {times.shape} must match the last axis of {flags.shape}")
+    first = jnp.argmax(flags, axis=-1)
+    return jnp.where(jnp.any(flags, axis=-1), times[first], jnp.inf)
+
+
+def survival_curve(first_unstable_times, times) -> jax.Array:
+    """Fraction of replicas still stable at each time: P(first_unstable_time > t).
+
+    Args:
+      first_unstable_times: [r] from `first_unstable_time` (inf = never unstable).
+      times: [k] times at which to evaluate, same unit.
+
+    Returns:
+      [k] fractions in [0, 1], non-increasing in t.
+    """
+    ft = jnp.asarray(first_unstable_times)
+    t = jnp.asarray(times, dtype=ft.dtype)
+    if ft.ndim != 1:
+        raise ValueError(f"first_unstable_times must have shape [r], got {ft.shape}")
+    return jnp.mean(ft[None, :] > t[:, None], axis=-1)

@@ -348,3 +348,52 @@ def test_nve_check_fails_on_hard_cutoff():
             n_steps=200,
             max_drift=1e-4,
         )
+
+
+# ----------------------------------------------------------------------------- normalization
+
+
+def _dataset(species, n_frames, per_species, rng, noise=0.0):
+    from stablejax.data.dataset import Dataset
+
+    counts = np.array([np.sum(np.asarray(species) == z) for z in (1, 6, 8)])
+    energies = counts @ per_species + noise * rng.normal(size=n_frames)
+    forces = rng.normal(size=(n_frames, len(species), 3)) * 0.3
+    x = rng.normal(size=(n_frames, len(species), 3))
+    return Dataset(species=np.asarray(species), positions=x, energies=energies, forces=forces)
+
+
+def test_normalization_recovers_per_species_energies():
+    from stablejax.potentials import normalization
+
+    rng = np.random.default_rng(0)
+    true = np.array([-13.6, -1029.5, -2041.2])
+    sets = [
+        _dataset([8, 1, 1], 5, true, rng, noise=1e-3),
+        _dataset([6, 1, 1, 1, 1], 5, true, rng, noise=1e-3),
+        _dataset([6, 8, 8], 5, true, rng, noise=1e-3),
+    ]
+    shift = normalization.fit_energy_shift(sets, [1, 6, 8])
+    np.testing.assert_allclose(shift, true, atol=5e-3)
+    forces = np.concatenate([d.forces.ravel() for d in sets])
+    assert normalization.fit_energy_scale(sets) == pytest.approx(np.sqrt(np.mean(forces**2)))
+
+
+def test_normalization_single_composition_is_mean_per_atom(toy):
+    from stablejax.potentials import normalization
+
+    potential, params, x = toy
+    rng = np.random.default_rng(1)
+    data = _dataset(SPECIES, 7, np.array([-13.6, -1029.5, -2041.2]), rng, noise=0.5)
+    fitted = normalization.fit_energy_normalization(params, data, potential.config)
+    e_bar = np.mean(data.energies) / SPECIES.size
+    np.testing.assert_allclose(fitted["energy_shift"], [e_bar] * 3, rtol=1e-12)
+    assert float(fitted["energy_scale"]) == pytest.approx(np.sqrt(np.mean(data.forces**2)))
+    assert fitted["net"] is params["net"]
+    # A freshly normalised model's energy is near the data mean (raw outputs O(1)).
+    e = potential.energy(fitted, SPECIES, x, all_pairs_edges(6))
+    assert (
+        abs(float(e) - np.mean(data.energies)) < 10 * float(fitted["energy_scale"]) * SPECIES.size
+    )
+    with pytest.raises(ValueError, match=r"\[7\]"):
+        normalization.fit_energy_shift(_dataset([7, 1], 2, np.zeros(3), rng), [1, 6, 8])

@@ -514,3 +514,73 @@ def check_nve_energy_conservation(
             f"{n_steps} steps of {dt_fs} fs."
         )
     return {"max_deviation": drift, "total_energy": etot, "kinetic_energy": np.asarray(kin)}
+
+
+# ----------------------------------------------------------------------------- test systems
+
+# One MD17 aspirin frame (DFT geometry, Å): a realistic 21-atom molecule for
+# tests and benchmarks that must not depend on data files.
+_ASPIRIN = """\
+C 2.13448882 -0.98436105 -0.19521789
+C 0.76264381 0.95941395 -1.67992890
+C 2.66034484 -0.40792605 -1.30730391
+C 1.91031682 0.39396596 -2.14701986
+C -3.03019023 1.49540496 0.71966213
+C 0.84942484 -0.55087107 0.28437510
+C 0.23844682 0.47350594 -0.40442190
+O 0.89789581 -2.27643204 1.73006105
+O -2.38345218 0.41777894 -1.46285689
+O -0.47620118 -0.52908707 2.33925915
+C 0.39299181 -1.19023705 1.53798211
+C -2.12298512 0.95175993 -0.39770490
+O -0.80466616 1.28624594 0.11050910
+H -0.49380317 -1.18679202 3.09597421
+H 2.55473471 -1.80249703 0.39213109
+H 0.33068982 1.85571098 -2.34526396
+H 3.80379391 -0.49371904 -1.45620286
+H 2.23114085 0.55718595 -3.12414980
+H -2.70893025 2.48465800 0.92692810
+H -4.13048315 1.48216701 0.43126610
+H -2.87414813 1.00320899 1.69948506"""
+
+
+def aspirin() -> tuple[np.ndarray, np.ndarray]:
+    """(species [21] atomic numbers, positions [21, 3] Å) of one MD17 aspirin frame."""
+    from ase.data import atomic_numbers
+
+    rows = [line.split() for line in _ASPIRIN.splitlines()]
+    species = np.array([atomic_numbers[r[0]] for r in rows], dtype=np.int32)
+    positions = np.array([[float(v) for v in r[1:]] for r in rows])
+    return species, positions
+
+
+def water_box(
+    n_per_side: int = 4, box_length: float = 12.44287777, *, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Water molecules on a cubic lattice with random orientations (O, H, H order).
+
+    Geometry r_OH = 1.012 Å, angle 113.24° (SPC/Fw). The default is the
+    StABlE water system: 64 molecules (192 atoms) in a 12.44287777 Å box.
+
+    Returns:
+      (species [3 m] atomic numbers, positions [3 m, 3] Å wrapped into the box,
+      box [3] Å), m = n_per_side**3.
+    """
+    rng = np.random.default_rng(seed)
+    r_oh, angle = 1.012, np.deg2rad(113.24)
+    local = np.array(
+        [
+            [0.0, 0.0, 0.0],
+            [r_oh * np.sin(angle / 2), r_oh * np.cos(angle / 2), 0.0],
+            [-r_oh * np.sin(angle / 2), r_oh * np.cos(angle / 2), 0.0],
+        ]
+    )
+    spacing = box_length / n_per_side
+    grid = np.stack(np.meshgrid(*[np.arange(n_per_side)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    molecules = []
+    for site in grid:
+        rot = _random_rotation(rng)
+        molecules.append(local @ rot.T + (site + 0.5) * spacing)
+    positions = np.mod(np.concatenate(molecules), box_length)
+    species = np.tile(np.array([8, 1, 1], dtype=np.int32), grid.shape[0])
+    return species, positions, np.full(3, box_length)

@@ -148,12 +148,16 @@ def smeared_histogram(distances: jax.Array, *, n_bins: int, dr: float, sigma: fl
         raise ValueError(f"sigma must be >= 0, got {sigma}")
     distances = jnp.asarray(distances)
     dtype = distances.dtype
-    k0 = jnp.floor(distances / dr).astype(jnp.int32)
+    half_width = 0 if sigma == 0 else int(math.ceil(_SMEAR_TAIL_SIGMAS * sigma / dr))
+    # Exploded replicas give huge or NaN distances: park them beyond the last bin (their
+    # whole window then lands in the discarded overflow bin) instead of overflowing int32.
+    far = n_bins + half_width + 1
+    u = jnp.where(jnp.isfinite(distances), distances / dr, far)
+    k0 = jnp.floor(jnp.clip(u, -1.0 - half_width, far)).astype(jnp.int32)
     if sigma == 0:
         idx = jnp.where((k0 >= 0) & (k0 < n_bins), k0, n_bins)
         counts = jnp.zeros(n_bins + 1, dtype).at[idx].add(jnp.ones_like(distances))
         return counts[:n_bins]
-    half_width = int(math.ceil(_SMEAR_TAIL_SIGMAS * sigma / dr))
     k = k0[:, None] + jnp.arange(-half_width, half_width + 1, dtype=jnp.int32)[None, :]
     lower = k.astype(dtype) * dr
     scale = 1.0 / (math.sqrt(2.0) * sigma)
@@ -277,7 +281,9 @@ def radial_distribution_function(
       >>> g_oo = radial_distribution_function(traj, species, box, pair=(8, 8)).mean(0)
     """
     if box is None:
-        raise ValueError("radial_distribution_function needs a periodic box; use distance_histogram")
+        raise ValueError(
+            "radial_distribution_function needs a periodic box; use distance_histogram"
+        )
     n_bins = _n_bins(r_max, dr)
     _check_box(box, r_max)
     n = jnp.shape(positions)[-2]
@@ -370,15 +376,17 @@ def velocity_autocorrelation(velocities: jax.Array, *, window: int) -> jax.Array
     if not 1 <= window <= t:
         raise ValueError(f"window must be in [1, t={t}], got {window}")
     n_origins = t - window + 1
+    # Cross-correlation of the origin block with the whole trajectory by FFT: the lags
+    # read (t0 + lag <= t - 1) never wrap around a length >= t, so no extra padding.
+    n_fft = 1 << max(0, (t - 1).bit_length())
 
     def one(v):
-        origins = v[:n_origins]
-
-        def at_lag(lag):
-            later = lax.dynamic_slice_in_dim(v, lag, n_origins, axis=0)
-            return jnp.sum(origins * later)
-
-        c = lax.map(at_lag, jnp.arange(window))
+        flat = v.reshape(t, -1)
+        origins = jnp.zeros_like(flat).at[:n_origins].set(flat[:n_origins])
+        spec_o = jnp.fft.rfft(origins, n=n_fft, axis=0)
+        spec_v = jnp.fft.rfft(flat, n=n_fft, axis=0)
+        cross = jnp.sum(jnp.conj(spec_o) * spec_v, axis=1)
+        c = jnp.fft.irfft(cross, n=n_fft)[:window].astype(v.dtype)
         return c / c[0]
 
     return _over_leading_axes(one, velocities, 3)
@@ -406,6 +414,9 @@ def mean_squared_displacement(
 
     Returns:
       [..., max_lag] MSD in Å^2 at lags 0 .. max_lag - 1 frames (MSD[0] = 0).
+
+    Cost O(max_lag * t * n), computed lag by lag (`lax.map`) in O(t * n) memory; direct
+    differences rather than the FFT formula, which cancels badly in float32.
     """
     t, n = jnp.shape(unwrapped_positions)[-3:-1]
     if not 1 <= max_lag <= t:

@@ -75,6 +75,16 @@ def test_distance_histogram_is_normalised_density_and_batched():
     np.testing.assert_allclose(h[1, 0], hist(frames[1, 0]), atol=1e-12)
 
 
+def test_histogram_survives_exploded_replicas():
+    """Huge or NaN distances (an exploded replica) fall outside the range, never into a bin."""
+    d = jnp.array([0.55, 1e12, -3.0, jnp.nan, jnp.inf, 0.35])
+    for sigma in (0.0, 0.02):
+        counts = obs.smeared_histogram(d, n_bins=10, dr=0.1, sigma=sigma)
+        assert np.all(np.isfinite(counts))
+        np.testing.assert_allclose(counts.sum(), 2.0, atol=1e-6)
+        assert counts[5] > 0.9 and counts[3] > 0.9
+
+
 def test_distance_histogram_gradient_matches_finite_differences():
     x = RNG.uniform(0, 3.0, size=(6, 3))
     w = RNG.normal(size=100)
@@ -240,3 +250,7 @@ def test_observables_jit_and_float32():
     assert h.dtype == jnp.float32 and np.all(np.isfinite(h))
     g = jax.jit(lambda x: obs.radial_distribution_function(x, None, box, pair=None))(x)
     assert g.dtype == jnp.float32
+    v = RNG.normal(size=(50, 4, 3))
+    c32 = jitted(obs.velocity_autocorrelation, window=10)(jnp.asarray(v, jnp.float32))
+    assert c32.dtype == jnp.float32
+    np.testing.assert_allclose(c32, obs.velocity_autocorrelation(v, window=10), atol=1e-5)

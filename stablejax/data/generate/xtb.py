@@ -239,7 +239,8 @@ def _run_trajectory(job: dict, progress_queue) -> None:
         for i in range(n_here):
             dyn.run(p["stride"])
             R[i] = atoms.get_positions()
-            F[i] = atoms.get_forces()
+            # Raw forces: the FixCom constraint would remove their net component.
+            F[i] = atoms.get_forces(apply_constraint=False)
             V[i] = atoms.get_velocities()
             E[i] = atoms.get_potential_energy()
             progress_queue.put(("progress", j, 1))

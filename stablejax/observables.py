@@ -183,7 +183,9 @@ def distance_histogram(
 
     h(r) = 1/n_pairs * sum_{i<j} N(r; d_ij, sigma^2), bin-averaged over bins of width dr.
     Normalised as a probability density in r (Å^-1): sum(h) * dr equals the fraction
-    of pairs closer than r_max, i.e. 1 for a molecule smaller than r_max.
+    of pairs closer than r_max, i.e. 1 for a molecule smaller than r_max. This is the
+    paper's definition (A.4); the reference code additionally divides by the relative
+    shell volume 3 r^2 dr / r_max^3, which only rescales bins (and the loss weights).
     Differentiable with respect to positions when sigma > 0.
 
     Args:

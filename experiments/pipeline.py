@@ -175,7 +175,7 @@ def build_model(config, dataset, train):
     potential = factory.build(config.model)
     key = jax.random.PRNGKey(config.seed)
     params = potential.init(key, dataset.species, train.positions[0], dataset.box)
-    params = normalization.fit_energy_normalization(params, train)
+    params = normalization.fit_energy_normalization(params, train, config.model)
     return potential, params
 
 
@@ -300,9 +300,10 @@ def stable_train(config, potential, params, dataset, train, target, criterion, w
     if history:
         plot_training_curves(
             history,
+            ("unstable_fraction", "lr", "observable_loss", "qm_loss"),
             os.path.join(out, "training_progress.png"),
-            keys=("unstable_fraction", "lr"),
-            x_key="epoch",
+            x="epoch",
+            title=f"StABlE training: {config.system}",
         )
     return params, history
 

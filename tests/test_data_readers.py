@@ -377,3 +377,18 @@ def test_split_dataset_and_initial_conditions(tmp_path):
         sample_initial_conditions(ds, 21, seed=0, pool=idx)
     ic = sample_initial_conditions(ds, 50, seed=0, replace=True)
     assert ic.positions.shape[0] == 50
+
+
+def test_data_package_imports_without_reference_engines():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, stablejax.data, stablejax.data.generate;"
+        "print([m for m in ('openmm', 'tblite', 'rdkit') if m in sys.modules])"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root
+    )
+    assert out.stdout.strip() == "[]"

@@ -24,6 +24,7 @@ from stablejax.data.splits import (
     split_dataset,
     split_indices,
 )
+from stablejax.data.topology import equilibrium_bond_lengths, find_bonds, molecules
 
 __all__ = [
     "Dataset",
@@ -32,7 +33,10 @@ __all__ = [
     "InitialConditions",
     "Split",
     "ensure_dataset",
+    "equilibrium_bond_lengths",
+    "find_bonds",
     "load",
+    "molecules",
     "read_ase",
     "read_mdsim_water",
     "read_rmd17_npz",

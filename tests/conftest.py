@@ -1,8 +1,22 @@
-"""Test configuration: float64 on (numerics are checked in double precision).
+"""Test configuration.
 
-Library code is dtype-agnostic; tests that want float32 create float32 arrays.
+- float64 on (numerics are checked in double precision); library code is
+  dtype-agnostic and tests that want float32 create float32 arrays.
+- a persistent XLA compilation cache shared by the test session, so that the
+  many identical MD chunks and models compiled by different tests (and by the
+  `experiments` subprocesses) are compiled once.
 """
+
+import os
+import tempfile
 
 import jax
 
 jax.config.update("jax_enable_x64", True)
+
+_CACHE = os.environ.setdefault(
+    "STABLEJAX_TEST_JAX_CACHE", os.path.join(tempfile.gettempdir(), "stablejax-test-jax-cache")
+)
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

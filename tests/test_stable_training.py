@@ -1,0 +1,177 @@
+"""The StABlE loop: phases, resume equality, and config errors that stop before any work."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from ase.build import molecule
+
+from experiments import pipeline
+from experiments.configs import aspirin as aspirin_config
+from stablejax import stability
+from stablejax.data import Dataset, write_sgdml_npz
+from stablejax.data import topology as topo
+from stablejax.potentials import factory
+from stablejax.training import qm
+from stablejax.training.stable import StableTrainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def harmonic_bond_dataset(n_frames=24, seed=0) -> Dataset:
+    """Ethanol frames around equilibrium with energies/forces of harmonic bonds (eV, Å)."""
+    mol = molecule("CH3CH2OH")
+    z = mol.get_atomic_numbers()
+    x0 = mol.get_positions()
+    bonds = topo.find_bonds(z, x0)
+    r0 = np.linalg.norm(x0[bonds[:, 1]] - x0[bonds[:, 0]], axis=1)
+    rng = np.random.default_rng(seed)
+    pos = x0[None] + 0.05 * rng.standard_normal((n_frames,) + x0.shape)
+    d = pos[:, bonds[:, 1]] - pos[:, bonds[:, 0]]
+    r = np.linalg.norm(d, axis=-1)
+    k = 20.0  # eV/Å^2
+    energies = (k * (r - r0) ** 2).sum(axis=1) - 100.0
+    g = (2 * k * (r - r0) / r)[..., None] * d  # dE/d(pos_j) for each bond
+    forces = np.zeros_like(pos)
+    np.add.at(forces, (slice(None), bonds[:, 1]), -g)
+    np.add.at(forces, (slice(None), bonds[:, 0]), g)
+    return Dataset(species=z, positions=pos, energies=energies, forces=forces, source="synthetic")
+
+
+def tiny_config(**stable):
+    c = aspirin_config.get_config("test")
+    with c.unlocked():
+        c.model.species = [1, 6, 8]
+        c.md.integrator = "langevin"
+        c.md.friction_per_ps = 10.0
+        c.md.n_replicas = 4
+        c.md.steps_per_epoch = 10
+        c.md.check_every = 5
+        c.md.chunk_steps = 10
+        c.stability.threshold = 0.08
+        c.stable.sample_every = 5
+        c.stable.batch_size = 4
+        c.stable.qm_batch_size = 4
+        c.stable.plateau_patience = 1
+        c.stable.max_lr_reductions = 1
+        c.stable.reset_fraction = 0.5
+        c.stable.history_depth = 3
+        for k, v in stable.items():
+            c.stable[k] = v
+    return c
+
+
+def make_trainer(config, dataset, workdir):
+    potential = factory.build(config.model)
+    params = potential.init(jax.random.PRNGKey(0), dataset.species, dataset.positions[0], None)
+    bonds = topo.find_bonds(dataset.species, dataset.positions[0])
+    eq = topo.equilibrium_bond_lengths(dataset.positions, bonds)
+    criterion = stability.bond_length_criterion(bonds, eq, threshold=config.stability.threshold)
+    target = pipeline.observable_target(config, dataset, dataset, bonds, None)
+    return StableTrainer(
+        potential=potential,
+        params=params,
+        species=dataset.species,
+        box=None,
+        config=config,
+        criterion=criterion,
+        target=target,
+        qm_frames=qm.prepare_frames(dataset, potential),
+        initial_positions=dataset.positions[: config.md.n_replicas],
+        workdir=workdir,
+        progress=False,
+    )
+
+
+def _strip(records):
+    return [{k: v for k, v in r.items() if k != "wall_time_s"} for r in records]
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    data = harmonic_bond_dataset()
+    full = make_trainer(tiny_config(max_epochs=5), data, str(tmp_path / "a"))
+    params_full = full.run()
+    history = full.history
+    phases = [r["phase"] for r in history]
+    assert "learning" in phases and phases[0] == "simulation"
+    assert any(r.get("phase_end") for r in history), "the learning phase never ended"
+    assert phases.count("simulation") >= 2, "no second simulation phase"
+    assert any(r.get("replicas_reset", 0) > 0 for r in history[1:]), "no random resets"
+
+    # "Killed" after 3 epochs (the last checkpoint), then resumed from the workdir.
+    first = make_trainer(tiny_config(max_epochs=3), data, str(tmp_path / "b"))
+    first.run()
+    resumed = make_trainer(tiny_config(max_epochs=5), data, str(tmp_path / "b"))
+    assert resumed.state["epoch"] == 3
+    params_resumed = resumed.run()
+
+    for a, b in zip(jax.tree.leaves(params_full), jax.tree.leaves(params_resumed), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert _strip(resumed.history) == _strip(history)
+    # The learning steps really changed the model.
+    first_params = factory.build(tiny_config().model).init(
+        jax.random.PRNGKey(0), data.species, data.positions[0], None
+    )
+    changed = [
+        not np.array_equal(np.asarray(a), np.asarray(b))
+        for a, b in zip(jax.tree.leaves(first_params), jax.tree.leaves(params_full), strict=True)
+    ]
+    assert any(changed)
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("--config.md.n_replicas=abc", "n_replicas"),
+        ("--config.no_such_field=1", "no_such_field"),
+        ("--config.data.path=/no/such/file.npz", "data.path"),
+        ("--config.md.integrator=verlet", "md.integrator"),
+    ],
+)
+def test_bad_config_fails_before_work(tmp_path, override, field):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.aspirin",
+            "--config=experiments/configs/aspirin.py:test",
+            override,
+            f"--workdir={tmp_path / 'run'}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert field in proc.stderr + proc.stdout
+    # Nothing was generated or trained.
+    assert not (tmp_path / "run" / "pretrain").exists()
+
+
+def test_pipeline_test_preset_end_to_end(tmp_path):
+    """The `test` preset runs the whole study on a user data file and writes its outputs."""
+    path = tmp_path / "ethanol.npz"
+    data = harmonic_bond_dataset(n_frames=40)
+    write_sgdml_npz(path, data, energy_unit="eV")
+    config = aspirin_config.get_config("test")
+    with config.unlocked():
+        config.data.path = str(path)
+        config.data.energy_unit = "eV"
+        config.model.species = [1, 6, 8]
+    final = pipeline.run(config, str(tmp_path / "run"))
+    for name in ("baseline", "stable"):
+        for key in (
+            "median_stable_time_ps",
+            "mean_stable_time_ps",
+            "n_replicas",
+            "max_time_ps",
+            "energy_mae_meV",
+            "force_mae_meV_per_A",
+        ):
+            assert key in final[name]
+    for f in ("eval/final_metrics.json", "eval/report.md", "eval/survival.png", "config.json"):
+        assert (tmp_path / "run" / f).exists(), f

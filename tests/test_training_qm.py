@@ -1,0 +1,369 @@
+"""QM pre-training (stablejax.training.qm) and the metrics log (stablejax.training.metrics).
+
+The model is a tiny pair MLP of our own (wrapped in base.Potential), the data a
+Morse cluster whose energies and forces are computed in plain NumPy.
+"""
+
+import json
+import math
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from stablejax.data.dataset import Dataset
+from stablejax.potentials.base import Potential, edge_vectors, safe_norm
+from stablejax.training import qm
+from stablejax.training.metrics import (
+    MetricsWriter,
+    format_metrics,
+    plot_training_curves,
+    read_metrics,
+)
+
+MORSE_D, MORSE_A, MORSE_R0 = 0.4, 1.6, 1.5  # eV, 1/Å, Å
+CUTOFF = 6.0  # Å
+
+
+# ----------------------------------------------------------------------------------------------
+# A tiny model and Morse-cluster data
+# ----------------------------------------------------------------------------------------------
+
+
+class PairNet(nn.Module):
+    """Pair energy e(r) [e] from distances [e] Å: Gaussian basis -> MLP."""
+
+    @nn.compact
+    def __call__(self, r):
+        centres = jnp.linspace(0.8, CUTOFF, 12, dtype=r.dtype)
+        rbf = jnp.exp(-(((r[:, None] - centres) / 0.5) ** 2))
+        h = jnp.tanh(nn.Dense(16)(rbf))
+        return nn.Dense(1)(h)[:, 0]
+
+
+def make_pair_potential(counter=None) -> Potential:
+    net = PairNet()
+
+    def per_atom_energies(params, species, positions, edges, box=None):
+        if counter is not None:
+            counter.append(1)  # runs once per trace, never per jitted call
+        vectors, mask = edge_vectors(positions, edges, box)
+        r = safe_norm(vectors)
+        envelope = jnp.where(
+            r < CUTOFF, 0.5 * (jnp.cos(jnp.pi * jnp.minimum(r / CUTOFF, 1)) + 1), 0
+        )
+        e_edge = net.apply(params["net"], r) * envelope * mask
+        n = positions.shape[0]
+        return 0.5 * jax.ops.segment_sum(e_edge, edges[0], num_segments=n)
+
+    def init(key, species, positions, box=None):
+        r = jnp.linspace(1.0, 3.0, 4, dtype=jnp.asarray(positions).dtype)
+        net_params = net.init(key, r)
+        return {"net": jax.tree.map(lambda x: x.astype(r.dtype), net_params)}
+
+    return Potential(
+        name="test_pair",
+        config=None,
+        cutoff=CUTOFF,
+        init=init,
+        per_atom_energies=per_atom_energies,
+    )
+
+
+def morse_energy_forces(positions):
+    """Total Morse energy (eV) and forces [n, 3] eV/Å of one free-space cluster, NumPy."""
+    d = positions[None, :, :] - positions[:, None, :]  # r_j - r_i
+    r = np.linalg.norm(d, axis=-1)
+    n = len(positions)
+    iu = np.triu_indices(n, 1)
+    x = np.exp(-MORSE_A * (r - MORSE_R0))
+    pair = MORSE_D * (1 - x) ** 2 - MORSE_D
+    energy = pair[iu].sum()
+    dpair_dr = 2 * MORSE_D * (1 - x) * MORSE_A * x
+    np.fill_diagonal(r, 1.0)
+    coef = dpair_dr / r
+    np.fill_diagonal(coef, 0.0)
+    # F_i = -dE/dr_i = sum_j dpair/dr * (r_j - r_i)/r
+    forces = np.einsum("ij,ijk->ik", coef, d)
+    return energy, forces
+
+
+def morse_dataset(n_frames, seed, n_atoms=5, noise=0.15):
+    rng = np.random.default_rng(seed)
+    base = np.array(
+        [[0, 0, 0], [1.5, 0, 0], [0.75, 1.3, 0], [0.75, 0.43, 1.22], [0.75, 0.43, -1.22]]
+    )[:n_atoms]
+    positions = base[None] + noise * rng.normal(size=(n_frames, n_atoms, 3))
+    ef = [morse_energy_forces(p) for p in positions]
+    return Dataset(
+        species=np.full(n_atoms, 6),
+        positions=positions,
+        energies=np.array([e for e, _ in ef]),
+        forces=np.stack([f for _, f in ef]),
+        source=f"morse(seed={seed})",
+    )
+
+
+@pytest.fixture(scope="module")
+def setup():
+    potential = make_pair_potential()
+    train, val = morse_dataset(48, seed=1), morse_dataset(16, seed=2)
+    params = potential.init(jax.random.key(0), train.species, train.positions[0])
+    return potential, params, train, val
+
+
+def test_morse_reference_forces_are_minus_gradient():
+    pos = morse_dataset(1, seed=5).positions[0]
+    _, f = morse_energy_forces(pos)
+    h = 1e-6
+    for i, k in [(0, 0), (3, 2), (4, 1)]:
+        p, m = pos.copy(), pos.copy()
+        p[i, k] += h
+        m[i, k] -= h
+        fd = -(morse_energy_forces(p)[0] - morse_energy_forces(m)[0]) / (2 * h)
+        assert abs(fd - f[i, k]) < 1e-6
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss, metrics, edges
+# ----------------------------------------------------------------------------------------------
+
+
+def test_qm_loss_matches_numpy_and_ignores_padding(setup):
+    potential, params, train, _ = setup
+    frames = qm.prepare_frames(train, potential)
+    loss_fn = jax.jit(qm.make_qm_loss(potential, energy_weight=2.0, force_weight=30.0))
+    idx = jnp.array([3, 7, 11, 3])
+    weight = jnp.array([1.0, 1.0, 1.0, 0.0])
+    loss, aux = loss_fn(params, frames, idx, weight)
+    # Independent: per-frame predictions, NumPy formula over the 3 real frames.
+    e_err, f_sq = [], []
+    energy_and_forces = jax.jit(potential.energy_and_forces)
+    for k in [3, 7, 11]:
+        e, f = energy_and_forces(params, frames.species, frames.positions[k], frames.edges, None)
+        e_err.append(float(e) - train.energies[k])
+        f_sq.append(np.mean((np.asarray(f) - train.forces[k]) ** 2))
+    expected = 2.0 * np.mean(np.square(e_err)) + 30.0 * np.mean(f_sq)
+    np.testing.assert_allclose(loss, expected, rtol=1e-10)
+    np.testing.assert_allclose(aux.force_mse, np.mean(f_sq), rtol=1e-10)
+    # Per-atom variant divides the energy error by n.
+    loss_pa, _ = jax.jit(qm.make_qm_loss(potential, per_atom_energy=True, force_weight=0.0))(
+        params, frames, idx, weight
+    )
+    np.testing.assert_allclose(loss_pa, np.mean(np.square(e_err)) / 25, rtol=1e-10)
+
+
+def test_evaluate_exact_errors(setup):
+    potential, params, _, val = setup
+    # Labels made by the model itself, then shifted: the errors are known exactly.
+    frames = qm.prepare_frames(val, potential)
+    e, f = jax.jit(
+        jax.vmap(lambda p: potential.energy_and_forces(params, frames.species, p, frames.edges))
+    )(frames.positions)
+    shift = np.where(np.arange(val.n_frames) % 2 == 0, 0.003, -0.001)  # eV
+    labelled = Dataset(
+        species=val.species,
+        positions=val.positions,
+        energies=np.asarray(e) + shift,
+        forces=np.asarray(f) + 0.002,  # eV/Å on every component
+    )
+    m = qm.evaluate(potential, params, labelled, batch_size=5)  # 16 frames: padded last batch
+    assert m["n_frames"] == 16
+    np.testing.assert_allclose(m["energy_mae_meV"], 2.0, rtol=1e-8)
+    np.testing.assert_allclose(m["energy_rmse_meV"], math.sqrt((9 + 1) / 2), rtol=1e-8)
+    np.testing.assert_allclose(m["energy_mae_per_atom_meV"], 2.0 / 5, rtol=1e-8)
+    np.testing.assert_allclose(m["force_mae_meV_per_A"], 2.0, rtol=1e-8)
+    np.testing.assert_allclose(m["force_rmse_meV_per_A"], 2.0, rtol=1e-8)
+
+
+def test_cutoff_edges_match_brute_force_with_images():
+    rng = np.random.default_rng(0)
+    box = np.array([6.0, 7.0, 8.0])
+    pos = rng.uniform(0, 1, size=(3, 10, 3)) * box
+    edges = qm.cutoff_edges(pos, 2.9, box)
+    for k in range(3):
+        expected = set()
+        for i in range(10):
+            for j in range(10):
+                if i == j:
+                    continue
+                for s in np.ndindex(3, 3, 3):
+                    d = pos[k, j] + (np.array(s) - 1) * box - pos[k, i]
+                    if np.linalg.norm(d) < 2.9:
+                        expected.add((i, j))
+        got = {(int(i), int(j)) for i, j in edges[k].T if i < 10}
+        assert got == expected
+        assert np.all(edges[k][:, len(got) :] == 10)
+    with pytest.raises(ValueError, match="half the shortest box side"):
+        qm.cutoff_edges(pos, 3.5, box)
+
+
+def test_bad_inputs_are_clear_errors(setup):
+    potential, params, train, val = setup
+    no_forces = Dataset(species=train.species, positions=train.positions, energies=train.energies)
+    with pytest.raises(ValueError, match="lacks forces"):
+        qm.prepare_frames(no_forces, potential)
+    with pytest.raises(ValueError, match="unknown QM training config field 'epoch'"):
+        qm.train_qm(potential, params, train, val, config={"epoch": 3})
+    with pytest.raises(ValueError, match="'lr' must be float"):
+        qm.train_qm(potential, params, train, val, config={"lr": "fast"})
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+FAST = {
+    "batch_size": 8,
+    "lr": 3e-2,
+    "warmup_steps": 6,
+    "energy_weight": 1.0,
+    "force_weight": 100.0,
+    "patience": 0,
+    "progress": False,
+}
+
+
+def test_training_learns_morse_forces(setup, tmp_path):
+    potential, params, train, val = setup
+    before = qm.evaluate(potential, params, val)
+    trained, history = qm.train_qm(
+        potential, params, train, val, config={**FAST, "epochs": 60}, workdir=tmp_path
+    )
+    after = qm.evaluate(potential, trained, val)
+    assert after["force_mae_meV_per_A"] < before["force_mae_meV_per_A"] / 10, (before, after)
+    assert after["energy_mae_meV"] < before["energy_mae_meV"] / 10, (before, after)
+    # The returned params are the best-validation ones, and the log says so.
+    best = min(history, key=lambda r: r["val_force_mae_meV_per_A"])
+    np.testing.assert_allclose(after["force_mae_meV_per_A"], best["val_force_mae_meV_per_A"])
+    assert [r["epoch"] for r in read_metrics(tmp_path / "metrics.jsonl")] == list(range(1, 61))
+    # Warm-up then constant lr (no plateau reduction expected in 60 improving epochs
+    # is not guaranteed, so only check the warm-up part).
+    assert history[0]["lr"] < FAST["lr"]
+
+
+def test_one_compilation_regardless_of_epochs(setup):
+    _, params, train, val = setup
+    counts = []
+    for epochs in (1, 3):
+        counter = []
+        potential = make_pair_potential(counter)
+        qm.train_qm(potential, params, train, val, config={**FAST, "epochs": epochs})
+        counts.append(len(counter))
+    # 48 frames / batch 8 = 6 steps per epoch; 16 val frames; a retrace per step or
+    # per epoch would make the 3-epoch count larger.
+    assert counts[0] == counts[1]
+
+
+def test_resume_after_crash_equals_uninterrupted(setup, tmp_path):
+    potential, params, train, val = setup
+    cfg = {**FAST, "epochs": 5, "batch_size": 20, "ema_decay": 0.9, "plateau_patience": 1}
+    full, full_hist = qm.train_qm(potential, params, train, val, config=cfg, workdir=tmp_path / "a")
+    # "Crash" after 2 epochs, leaving a metrics record of an epoch that never got
+    # its checkpoint and a half-written line.
+    qm.train_qm(potential, params, train, val, config={**cfg, "epochs": 2}, workdir=tmp_path / "b")
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"epoch": 3, "train_loss": 1.0}) + "\n" + '{"epoch": 4, "tr')
+    resumed, _ = qm.train_qm(potential, params, train, val, config=cfg, workdir=tmp_path / "b")
+    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed), strict=True):
+        np.testing.assert_array_equal(a, b)
+    records = read_metrics(tmp_path / "b" / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4, 5]
+    for r_full, r_res in zip(full_hist, records, strict=True):
+        assert r_full["val_force_mae_meV_per_A"] == r_res["val_force_mae_meV_per_A"]
+        assert r_full["lr"] == r_res["lr"]
+    # Calling again on a finished run trains nothing and returns the same params.
+    again, _ = qm.train_qm(potential, params, train, val, config=cfg, workdir=tmp_path / "b")
+    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(again), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_ema_follows_its_recurrence_and_is_what_is_evaluated(setup, tmp_path):
+    potential, params, train, val = setup
+    decay = 0.8
+    cfg = {**FAST, "batch_size": train.n_frames, "ema_decay": decay, "epochs": 1}
+    raw = [params]
+    for epochs in (1, 2, 3):  # one step per epoch; resume epoch by epoch
+        _, history = qm.train_qm(
+            potential, params, train, val, config={**cfg, "epochs": epochs}, workdir=tmp_path
+        )
+        state = qm.load_qm_state(tmp_path, params, config=cfg)
+        raw.append(state["params"])
+    ema = params
+    for t in range(3):
+        d = min(decay, (1 + t) / (10 + t))
+        ema = jax.tree.map(lambda e, p, d=d: d * e + (1 - d) * p, ema, raw[t + 1])
+    for a, b in zip(jax.tree.leaves(ema), jax.tree.leaves(state["ema_params"]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+    # The EMA differs from the raw params, and validation used the EMA.
+    assert not np.allclose(jax.tree.leaves(ema)[0], jax.tree.leaves(raw[-1])[0])
+    val_ema = qm.evaluate(potential, state["ema_params"], val)
+    np.testing.assert_allclose(
+        history[-1]["val_force_mae_meV_per_A"], val_ema["force_mae_meV_per_A"], rtol=1e-10
+    )
+
+
+def test_qm_gradient_is_mean_over_all_frames(setup):
+    potential, params, train, _ = setup
+    frames = qm.prepare_frames(train, potential)
+    loss_fn = qm.make_qm_loss(potential, force_weight=10.0)
+    full = jax.jit(jax.grad(lambda p: loss_fn(p, frames, jnp.arange(48), jnp.ones(48))[0]))(params)
+    loss, grads = qm.make_qm_gradient(potential, frames, batch_size=20, force_weight=10.0)(params)
+    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
+
+
+def test_early_stopping_and_time_budget(setup):
+    potential, params, train, val = setup
+    # lr so small that the val force MAE can barely move: early stopping after `patience`.
+    _, hist = qm.train_qm(
+        potential,
+        params,
+        train,
+        val,
+        config={**FAST, "lr": 1e-12, "epochs": 50, "patience": 3},
+    )
+    assert len(hist) == 4  # epoch 1 sets the reference; 2, 3, 4 do not improve it by 0.1%
+    _, hist = qm.train_qm(
+        potential, params, train, val, config={**FAST, "epochs": 50, "max_time_s": 1e-9}
+    )
+    assert len(hist) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics log
+# ----------------------------------------------------------------------------------------------
+
+
+def test_metrics_writer_appends_and_resumes(tmp_path):
+    path = tmp_path / "sub" / "m.jsonl"
+    with MetricsWriter(path) as w:
+        for epoch in (1, 2, 3):
+            w.write({"epoch": epoch, "loss": np.float32(0.5 * epoch), "v": jnp.arange(2)})
+    assert read_metrics(path) == [{"epoch": e, "loss": 0.5 * e, "v": [0, 1]} for e in (1, 2, 3)]
+    with open(path, "a") as f:
+        f.write('{"epoch": 4, "lo')  # crash mid-line
+    assert [r["epoch"] for r in read_metrics(path)] == [1, 2, 3]
+    with MetricsWriter(path, resume_step=2) as w:
+        w.write({"epoch": 3, "loss": 9.0})
+    assert [(r["epoch"], r["loss"]) for r in read_metrics(path)] == [(1, 0.5), (2, 1.0), (3, 9.0)]
+    with open(path, "a") as f:
+        f.write("not json\n{}\n")
+    with pytest.raises(ValueError, match="line 4"):
+        read_metrics(path)
+    assert read_metrics(tmp_path / "missing.jsonl") == []
+    assert format_metrics({"loss": 0.00012, "epoch": 3, "mae": 12.345}) == (
+        "loss=1.20e-04 epoch=3 mae=12.35"
+    )
+
+
+def test_plot_training_curves(tmp_path):
+    records = [{"epoch": e, "loss": 1.0 / e, "lr": 1e-3} for e in range(1, 6)]
+    records.append({"epoch": 6, "loss": float("nan")})
+    out = plot_training_curves(records, ["loss", "lr"], tmp_path / "curves.png", log_y=["loss"])
+    assert os.path.getsize(out) > 1000
+    with open(out, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -1,5 +1,39 @@
-"""Potentials: pure Flax energy functions (see `stablejax.potentials.base`)."""
+"""Potentials: pure Flax energy functions (see `stablejax.potentials.base`).
 
-from stablejax.potentials.base import Potential, all_pairs_edges, edge_vectors
+Build one with `build(default_config(name))`; architectures plug in through
+the module contract documented in `stablejax.potentials.factory`. Property
+checks for tests live in `stablejax.potentials.testing`; the ASE calculator in
+`stablejax.potentials.ase_calculator`.
+"""
 
-__all__ = ["Potential", "all_pairs_edges", "edge_vectors"]
+from stablejax.potentials.base import Potential, all_pairs_edges, edge_vectors, safe_norm
+from stablejax.potentials.factory import (
+    build,
+    check_species,
+    default_config,
+    from_module,
+    species_indices,
+)
+from stablejax.potentials.io import load_model, save_model
+from stablejax.potentials.normalization import (
+    fit_energy_normalization,
+    fit_energy_scale,
+    fit_energy_shift,
+)
+
+__all__ = [
+    "Potential",
+    "all_pairs_edges",
+    "build",
+    "check_species",
+    "default_config",
+    "edge_vectors",
+    "fit_energy_normalization",
+    "fit_energy_scale",
+    "fit_energy_shift",
+    "from_module",
+    "load_model",
+    "safe_norm",
+    "save_model",
+    "species_indices",
+]

@@ -10,6 +10,7 @@ zero weight even before the explicit edge mask is applied.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import flax.linen as nn
@@ -140,5 +141,5 @@ class MLP(nn.Module):
 
 
 def count_params(params) -> int:
-    """Number of scalar parameters in a pytree."""
-    return int(sum(np.size(x) for x in jax.tree.leaves(params)))
+    """Number of scalar parameters in a pytree (arrays or jax.ShapeDtypeStruct)."""
+    return int(sum(math.prod(np.shape(x)) for x in jax.tree.leaves(params)))

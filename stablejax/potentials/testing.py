@@ -28,8 +28,21 @@ from ase.data import atomic_masses
 from stablejax import units
 from stablejax.potentials.base import Potential, all_pairs_edges
 
+_JITTED: dict[int, tuple] = {}
+
 
 def _fns(potential: Potential):
+    # Jitted functions cached per potential object (kept alive in the cache so
+    # its id stays unique), so repeated checks on one model compile once.
+    cached = _JITTED.get(id(potential))
+    if cached is not None and cached[0] is potential:
+        return cached[1]
+    fns = _make_fns(potential)
+    _JITTED[id(potential)] = (potential, fns)
+    return fns
+
+
+def _make_fns(potential: Potential):
     per_atom = jax.jit(potential.per_atom_energies)
 
     def energy_forces(params, species, positions, edges, box):

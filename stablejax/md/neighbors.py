@@ -106,7 +106,9 @@ def make_layout(cutoff: float, skin: float, positions, boxes, cell_capacity=None
         format=partition.NeighborListFormat.Sparse,
         fractional_coordinates=True,
     )
-    template = fns.allocate(_wrap(jnp.asarray(positions[r]) / box), box=box)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="scatter inputs have incompatible types")
+        template = fns.allocate(_wrap(jnp.asarray(positions[r]) / box), box=box)
     cap = template.cell_list_capacity
     if cell_capacity is not None and cap is not None:
         cap = max(int(cell_capacity), int(cap))

@@ -163,6 +163,14 @@ class Simulator:
         None for no history.
       history_depth: number D of snapshots kept per replica; a replica can be
         rewound by up to about (D - 1) k steps.
+      neighbor_capacity: minimum number of edge slots per replica (periodic);
+        by default sized from the initial positions and grown on overflow
+        (each growth recompiles the chunk once).
+
+    Attributes:
+      num_traces: how many times a chunk function has been traced (compiled).
+      num_reallocations: how many chunks were redone after a neighbour-list
+        overflow.
     """
 
     def __init__(
@@ -178,6 +186,7 @@ class Simulator:
         chunk_steps: int = 100,
         history_every: int | None = None,
         history_depth: int = 4,
+        neighbor_capacity: int | None = None,
     ):
         integrator = _integrators.Langevin() if integrator is None else integrator
         _integrators.validate(integrator)
@@ -217,6 +226,8 @@ class Simulator:
         self.n_atoms = n
         self.dof = 3 * n - 3
         self.num_traces = 0  # incremented each time a chunk function is traced
+        self.num_reallocations = 0
+        self._capacity = 0 if neighbor_capacity is None else int(neighbor_capacity)
         self._npt = isinstance(integrator, _integrators.BerendsenNPT)
         self._free_edges = None if box is not None else all_pairs_edges(n)
         self._layout = None
@@ -365,10 +376,11 @@ class Simulator:
     def _allocate_neighbors(self, positions, boxes):
         """Allocate lists for all replicas, growing capacity until nothing overflows."""
         if self._layout is None:
-            self._layout, self._capacity = _neighbors.make_layout(
+            self._layout, suggested = _neighbors.make_layout(
                 self.cutoff, self.skin, positions, boxes
             )
-        capacity = max(self._capacity, 1)
+            self._capacity = max(self._capacity, suggested)
+        capacity = min(max(self._capacity, 1), self.n_atoms * (self.n_atoms - 1))
         for _ in range(_MAX_REDOS):
             nbrs = self._build_jit(self._layout, capacity)(positions, boxes)
             bits = int(np.bitwise_or.reduce(np.asarray(nbrs.error)))
@@ -543,6 +555,7 @@ class Simulator:
                     _check_cutoff(self.cutoff, np.asarray(new.box), during_run=True)
                 return new, out
             # Overflow: results of this chunk are invalid. Grow and redo it.
+            self.num_reallocations += 1
             self._layout, capacity = _neighbors.grow(
                 self._layout,
                 state.neighbors.edges.shape[-1],

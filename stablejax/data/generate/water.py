@@ -222,7 +222,9 @@ def water_sanity(
       box: cubic box side, Å.
 
     Returns:
-      dict with ``T_mean_K``, ``T_sem_K`` (standard error from 10 block means), ``oh_bond_mean``, ``hoh_angle_mean_deg``, ``goo_peak_position``,
+      dict with ``T_mean_K``, ``T_sem_K`` (standard error from 10 block means; it
+      underestimates the error when the run is not much longer than the thermostat
+      time 1/friction), ``oh_bond_mean``, ``hoh_angle_mean_deg``, ``goo_peak_position``,
       ``goo_peak_height``, and ``goo_r``/``goo`` (the O-O g(r)).
     """
     pos = np.asarray(positions, np.float64)

@@ -324,8 +324,14 @@ def _run_all(jobs, n_workers, n_frames, name, progress):
 
 
 def molecule_sanity(species, R, V, E) -> dict:
-    """Sanity figures: <T> (K, 3n-3 degrees of freedom), energy mean/std (eV), and the
-    largest bond-length deviation (Å) from the first frame of the trajectory."""
+    """Sanity figures of one trajectory.
+
+    <T> in K (3n - 3 degrees of freedom; ``T_sem_K`` from 10 block means, an
+    underestimate for runs not much longer than 1/friction: the kinetic energy of a
+    small molecule exchanges with the bath on that time scale), energy mean/std in eV,
+    and the largest deviation (Å) of a bond length from its trajectory mean, bonds from
+    covalent radii on the first frame.
+    """
     from ase.data import atomic_masses
 
     from stablejax.data.generate.water import block_standard_error

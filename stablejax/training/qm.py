@@ -706,7 +706,7 @@ def train_qm(
                 state["ema_params"],
             )
             step = state["step"]
-            sums = np.zeros(3)
+            per_batch = []  # stays on the device until the epoch ends (no per-step sync)
             lr = cfg.lr * scale
             for idx, weight in zip(idx_batches, w_batches, strict=True):
                 lr = scale * warmup_lr(
@@ -715,10 +715,12 @@ def train_qm(
                 params, opt_state, ema_params, loss, aux = train_step(
                     params, opt_state, ema_params, train_frames, idx, weight, lr, step
                 )
-                n_real = float(weight.sum())
-                sums += n_real * np.array([loss, aux.energy_mse, aux.force_mse], dtype=np.float64)
+                per_batch.append((loss, aux.energy_mse, aux.force_mse))
                 step += 1
-            train_loss, e_mse, f_mse = sums / train_frames.n_frames
+            # Batch means weighted by their real frame counts = means over the epoch's frames.
+            n_real = w_batches.sum(axis=1)
+            batch_means = np.asarray(jax.device_get(per_batch), dtype=np.float64)
+            train_loss, e_mse, f_mse = n_real @ batch_means / train_frames.n_frames
             if not np.isfinite(train_loss):
                 raise FloatingPointError(
                     f"QM training loss is {train_loss} at epoch {epoch}; lower config.lr "

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from stablejax import observables, stability
+from stablejax import observables, stability, units
 from stablejax.data import load, sample_initial_conditions, split_dataset
 from stablejax.data import topology as topo
 from stablejax.evaluation import EvalSettings, evaluate_model, structural_observables, write_report
@@ -368,7 +368,7 @@ def evaluate(config, potential, models, dataset, test, bonds, eq, mol, workdir, 
     init = sample_initial_conditions(
         pool, e.n_replicas, seed=config.seed + 1, replace=e.n_replicas > pool.n_frames
     ).positions
-    n_test = min(e.n_test_frames, test.n_frames) if test.n_frames else 0
+    n_test = min(e.n_test_frames, test.n_frames) if test.energies is not None else 0
     results, qm_metrics = {}, {}
     for name, params in models.items():
         log(
@@ -424,6 +424,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2))
     t0 = time.time()
+    if config.system == "lj":
+        return run_lj(config, workdir)
     dataset = load_data(config, workdir)
     train, val, test = split(config, dataset)
     log(
@@ -463,5 +465,86 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             f"{name:>8}: median stable time {m['median_stable_time_ps']:.2f} ps "
             f"(mean {m['mean_stable_time_ps']:.2f} ps, {m['n_unstable']}/{m['n_replicas']} unstable)"
         )
+    log(f"outputs: {workdir} (report: {os.path.join(out_dir, 'report.md')})")
+    return final
+
+
+# ---------------------------------------------------------------------------------------------
+# Lennard-Jones: no QM data; the reference is the full LJ potential simulated by the package
+# ---------------------------------------------------------------------------------------------
+
+
+def lj_reference(config, workdir):
+    """Frames of the full LJ fluid (our own MD; cached in workdir/data/) as a Dataset."""
+    from stablejax.data import Dataset
+    from stablejax.potentials import pair
+
+    lj = config.lj
+    n = int(lj.n_particles)
+    box_len = (n / lj.density) ** (1.0 / 3.0) * lj.sigma
+    box = np.full(3, box_len)
+    path = os.path.join(workdir, "data", "lj_reference.npz")
+    if os.path.exists(path):
+        with np.load(path) as f:
+            return Dataset(species=f["species"], positions=f["positions"], box=f["box"],
+                           source=path)  # fmt: skip
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    ref_cfg = pair.default_config("lennard_jones")
+    ref_cfg.sigma, ref_cfg.epsilon, ref_cfg.cutoff = lj.sigma, lj.epsilon, lj.cutoff
+    potential = factory.build(ref_cfg)
+    species = np.full(n, 18)
+    side = int(np.ceil(n ** (1 / 3)))
+    grid = np.stack(np.meshgrid(*[np.arange(side)] * 3, indexing="ij"), -1).reshape(-1, 3)[:n]
+    x0 = (grid + 0.5) * box_len / side
+    R = config.md.n_replicas
+    sim = make_simulator(potential, species, box, config.md)
+    params = potential.init(jax.random.PRNGKey(0), species, x0, box)
+    kT = units.kT_from_kelvin(config.md.temperature_K)
+    state = sim.init(jax.random.PRNGKey(config.seed), params, np.broadcast_to(x0, (R, n, 3)), kT)
+    log(f"LJ reference: equilibrating {R} replicas of the full LJ fluid (box {box_len:.2f} Å)")
+    state, _ = sim.run(
+        params, state, 20 * config.md.check_every, record_every=config.md.check_every
+    )
+    per_replica = int(np.ceil(lj.reference_frames / R))
+    every = 5 * config.md.check_every
+    state, traj = sim.run(params, state, per_replica * every, record_every=every)
+    pos = np.asarray(traj.position).reshape(-1, n, 3)[: lj.reference_frames]
+    pos = np.mod(pos, box_len)
+    np.savez(path, species=species, positions=pos, box=box)
+    return Dataset(species=species, positions=pos, box=box, source="full LJ (stablejax MD)")
+
+
+def run_lj(config, workdir) -> dict:
+    dataset = lj_reference(config, workdir)
+    with open(os.path.join(workdir, "data.json"), "w") as f:
+        json.dump({"source": dataset.source, "n_frames": dataset.n_frames}, f, indent=2)
+    mol = np.arange(dataset.n_atoms)
+    potential = factory.build(config.model)
+    baseline = potential.init(
+        jax.random.PRNGKey(config.seed), dataset.species, dataset.positions[0], dataset.box
+    )
+    criterion = training_criterion(config, dataset, None, None, mol)
+    target = observable_target(config, dataset, dataset, None, mol)
+    models_dir = os.path.join(workdir, "models")
+    stable_path = os.path.join(models_dir, "stable")
+    if os.path.exists(stable_path):
+        _, stable_params = model_io.load_model(stable_path)
+    else:
+        stable_params, _ = stable_train(
+            config, potential, baseline, dataset, dataset, target, criterion, workdir
+        )
+        model_io.save_model(stable_path, config.model, stable_params)
+    empty = dataset.subset(np.arange(0))
+    final, out_dir = evaluate(
+        config,
+        potential,
+        {"prior only (baseline)": baseline, "stable": stable_params},
+        dataset,
+        empty,
+        None,
+        None,
+        mol,
+        workdir,
+    )
     log(f"outputs: {workdir} (report: {os.path.join(out_dir, 'report.md')})")
     return final

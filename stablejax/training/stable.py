@@ -287,9 +287,10 @@ class StableTrainer:
                 f"stable.sample_every ({s.sample_every}) must be a multiple of md.check_every "
                 f"({m.check_every})"
             )
-        if not 0.0 <= s.lower_threshold < s.upper_threshold <= 1.0:
+        # A negative lower threshold means: only lr reductions end a learning phase.
+        if not -1.0 <= s.lower_threshold < s.upper_threshold <= 1.0:
             raise ValueError(
-                "need 0 <= stable.lower_threshold < stable.upper_threshold <= 1, got "
+                "need -1 <= stable.lower_threshold < stable.upper_threshold <= 1, got "
                 f"{s.lower_threshold}, {s.upper_threshold}"
             )
         shape = np.shape(initial_positions)

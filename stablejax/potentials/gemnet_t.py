@@ -55,6 +55,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from stablejax.potentials import common
+from stablejax.potentials.base import safe_norm
+
 # Distance (Å) given to empty neighbour slots: far beyond any cutoff, non-zero so
 # that norms and their gradients stay finite.
 _DUMMY_LENGTH = 100.0
@@ -307,7 +310,7 @@ def triplet_cosines(slots: NeighborSlots) -> tuple[jax.Array, jax.Array]:
       (cos [n, K, K] in [-1, 1] between slot s (edge i->j) and slot t (edge i->k),
       mask [n, K, K] bool: both slots filled and s != t).
     """
-    length = _safe_norm(slots.vectors)
+    length = safe_norm(slots.vectors)
     unit = slots.vectors / length[..., None]
     cos = jnp.clip(jnp.einsum("nsx,ntx->nst", unit, unit), -1.0, 1.0)
     k = slots.valid.shape[1]
@@ -320,44 +323,27 @@ def triplet_cosines(slots: NeighborSlots) -> tuple[jax.Array, jax.Array]:
 # --------------------------------------------------------------------------------------
 
 
-def _safe_norm(x: jax.Array) -> jax.Array:
-    return jnp.sqrt(jnp.maximum(jnp.sum(x * x, axis=-1), 1e-12))
-
-
-def polynomial_envelope(x: jax.Array, exponent: int) -> jax.Array:
-    """GemNet's smooth cutoff u(x), x = d / cutoff: u(0)=1; u, u', u'' vanish at x=1.
-
-    Zero for x >= 1. Args: x [...] dimensionless. Returns [...].
-    """
-    p = exponent
-    a = -(p + 1) * (p + 2) / 2.0
-    b = p * (p + 2.0)
-    c = -p * (p + 1) / 2.0
-    xs = jnp.clip(x, 0.0, 1.0)
-    xp = xs**p
-    u = 1.0 + xp * (a + xs * (b + c * xs))
-    return jnp.where(x < 1.0, u, 0.0)
-
-
 def radial_basis(d: jax.Array, *, cutoff: float, num_radial: int, exponent: int) -> jax.Array:
-    """Enveloped spherical Bessel (sine) basis sqrt(2/c) sin(n pi d/c) / d * u(d/c).
+    """Enveloped radial sine basis sqrt(2/c) sin(n pi d/c) / d * u(d/c), n = 1..num_radial.
+
+    GemNet's radial basis with its polynomial envelope u (exponent p: u, u' and
+    u'' vanish at the cutoff).
 
     Args:
       d: [...] Å distances (> 0).
       cutoff: c in Å.
-      num_radial: number of functions n = 1..num_radial.
+      num_radial: number of functions.
       exponent: envelope exponent p.
 
     Returns:
       [..., num_radial] in Å^-3/2; exactly zero for d >= cutoff.
     """
-    x = d / cutoff
-    inside = x < 1.0
-    xs = jnp.where(inside, x, 0.5)
+    inside = d < cutoff
+    # Evaluate on a safe distance outside the cutoff so no branch of the `where`
+    # carries a non-finite value or gradient.
     ds = jnp.where(inside, d, 0.5 * cutoff)
-    freq = jnp.pi * jnp.arange(1, num_radial + 1, dtype=d.dtype)
-    env = polynomial_envelope(xs, exponent)
-    val = math.sqrt(2.0 / cutoff) * jnp.sin(freq * xs[..., None]) / ds[..., None]
+    env = common.polynomial_envelope(ds, r_cut=cutoff, p=exponent)
+    val = common.bessel_basis(ds, r_cut=cutoff, n_basis=num_radial)
     return jnp.where(inside[..., None], env[..., None] * val, 0.0)
 
 
@@ -596,7 +582,7 @@ class GemNetT(nn.Module):
         valid = slots.valid
 
         # Bases: radial on every edge slot, angular on every slot pair.
-        dist = _safe_norm(slots.vectors)
+        dist = safe_norm(slots.vectors)
         rbf = radial_basis(
             dist,
             cutoff=self.cutoff,
@@ -674,16 +660,10 @@ def _uniform_symmetric(a: float):
     return init
 
 
-def count_parameters(params: Any) -> int:
-    """Total number of scalar parameters in a params pytree."""
-    return int(sum(np.prod(np.shape(x)) for x in jax.tree_util.tree_leaves(params)))
-
-
 __all__: Sequence[str] = (
     "GemNetT",
     "NeighborSlots",
     "check_neighbor_capacity",
-    "count_parameters",
     "count_triplets",
     "default_config",
     "legendre_harmonics",
@@ -693,7 +673,6 @@ __all__: Sequence[str] = (
     "neighbor_overflow",
     "neighbor_slots",
     "num_slots",
-    "polynomial_envelope",
     "radial_basis",
     "triplet_capacity",
     "triplet_cosines",

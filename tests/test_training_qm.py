@@ -179,6 +179,30 @@ def test_evaluate_exact_errors(setup):
     np.testing.assert_allclose(m["force_rmse_meV_per_A"], 2.0, rtol=1e-8)
 
 
+def test_periodic_frames_use_minimum_image_cutoff_edges(setup):
+    potential, params, _, _ = setup
+    data = morse_dataset(4, seed=3)
+    free = qm.prepare_frames(data, potential)
+    e, f = jax.jit(
+        jax.vmap(lambda p: potential.energy_and_forces(params, free.species, p, free.edges))
+    )(free.positions)
+    # The same clusters translated so that they straddle the box faces: with the
+    # minimum image (box > 2 cutoffs) every pair and every energy is unchanged.
+    box = np.array([13.0, 13.5, 14.0])
+    wrapped = (data.positions + np.array([12.5, 0.3, 13.8])) % box
+    periodic = Dataset(
+        species=data.species,
+        positions=wrapped,
+        energies=np.asarray(e),
+        forces=np.asarray(f),
+        box=box,
+    )
+    frames = qm.prepare_frames(periodic, potential)
+    assert frames.edges.shape == (4, 2, 20)  # every ordered pair of 5 atoms is within cutoff
+    m = qm.evaluate(potential, params, periodic)
+    assert m["energy_mae_meV"] < 1e-9 and m["force_mae_meV_per_A"] < 1e-9
+
+
 def test_cutoff_edges_match_brute_force_with_images():
     rng = np.random.default_rng(0)
     box = np.array([6.0, 7.0, 8.0])

@@ -234,6 +234,8 @@ def test_triplet_and_neighbor_counts_and_overflow(aspirin):
     assert not bool(overflow(edges, mask, n_atoms=n, max_neighbors=most))
     assert bool(overflow(edges, mask, n_atoms=n, max_neighbors=most - 1))
     assert g.check_neighbor_capacity(edges, mask, n_atoms=n, max_neighbors=most) == most
+    needed = jax.jit(g.max_neighbors_needed, static_argnames="cutoff")
+    assert int(needed(jnp.asarray(x), edges, None, cutoff=cutoff)) == most
     with pytest.raises(ValueError, match=f"max_neighbors >= {most}"):
         g.check_neighbor_capacity(edges, mask, n_atoms=n, max_neighbors=most - 1)
     # Without overflow the static allocation holds every triplet.
@@ -389,9 +391,12 @@ def test_periodic_water_box():
     potential = factory.build(small_config(cutoff=cutoff, num_blocks=blocks, max_neighbors=24))
     params = init(potential, jax.random.key(2), species, x, box)
     edges = all_pairs_edges(species.size)
-    vectors, mask = edge_vectors(jnp.asarray(x), jnp.asarray(edges), box)
-    mask = mask & (jnp.linalg.norm(vectors, axis=1) < cutoff)
-    assert 2 < g.check_neighbor_capacity(edges, mask, n_atoms=species.size, max_neighbors=24)
+    # Periodic neighbour count against brute force over images (no truncation at 24).
+    d = x[:, None] - x[None]
+    d = np.linalg.norm(d - box * np.round(d / box), axis=-1)
+    most = int(np.max(np.sum((d < cutoff) & (d > 0), axis=1)))
+    assert 2 < most <= 24
+    assert int(g.max_neighbors_needed(jnp.asarray(x), edges, box, cutoff=cutoff)) == most
     testing.check_invariances(potential, params, species, x, edges, box, atol=1e-10)
     # Edge messages reach one cutoff further per endpoint each block: (2B + 1) rc.
     testing.check_periodic_images(

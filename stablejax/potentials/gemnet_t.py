@@ -2,10 +2,11 @@
 
 The triplets-only variant of GemNet ("GemNet: Universal Directional Graph Neural
 Networks for Molecules"), energy-conserving (forces are -grad E; no direct force
-head). Messages live on directed edges; an edge j -> i is updated from the other
-edges k -> i that share its centre atom i, weighted by a basis of the angle
-between r_j - r_i and r_k - r_i and of the two distances, followed by GemNet's
-edge-swap (the result for edge i -> j is also added to the reverse edge j -> i).
+head). Messages live on directed edges. The message of edge (i, j) (centre i,
+neighbour j) is updated from every other edge (i, k), k != j, of the same centre,
+weighted by a basis of the angle j-i-k and of both distances; GemNet's edge swap
+then also adds that update (through its own up-projection) to the reverse edge
+(j, i). Together these cover DimeNet's k -> j -> i chains (k != i).
 
 Static triplet layout. Instead of a ragged triplet index list, the edges of each
 centre atom are packed into `K = min(max_neighbors, n_atoms - 1)` neighbour
@@ -14,8 +15,17 @@ of centre i are then all ordered pairs of distinct filled slots (s, t): a dense
 [n, K, K] block whose size is static and known outside jit
 (`triplet_capacity`). The triplet sum is a batched matrix product over slots,
 which is GemNet's own "efficient" bilinear formulation without the scatter.
-Empty slots and non-triplets (s == t, an empty slot) are masked and contribute
-exactly nothing.
+Empty slots and slot pairs that are not triplets (s == t, or an empty slot)
+are masked and contribute exactly nothing.
+
+Example:
+  >>> from stablejax.potentials import factory
+  >>> config = factory.default_config('gemnet_t')   # ~1.89M parameters
+  >>> potential = factory.build(config)
+  >>> params = jax.jit(potential.init)(key, species, positions, box)
+  >>> # In an MD loop, flag truncation like a neighbour-list overflow:
+  >>> too_many = max_neighbors_needed(positions, nbrs.idx, box,
+  ...                                 cutoff=config.cutoff) > config.max_neighbors
 
 Neighbour truncation. Like the reference OCP/MDsim GemNet-T (`max_neighbors=50`),
 an atom with more than `max_neighbors` edges inside the cutoff keeps only its
@@ -24,8 +34,12 @@ positions when the nearest-neighbour set changes, so `neighbor_overflow` /
 `max_neighbor_count` report it (jit-compatible) and `check_neighbor_capacity`
 raises outside jit; an MD engine that wants an exactly smooth potential rebuilds
 the module with a larger `max_neighbors` (parameters do not depend on it). With
-the default cutoff of 5 Å, liquid water has ~51 neighbours per atom on average,
-so `max_neighbors=50` truncates there, as in the reference setup.
+the default cutoff of 5 Å, liquid water has ~52 neighbours per atom on average
+(0.1 atoms/Å^3 x 524 Å^3; 55 in a 64-molecule lattice box, 187 of 192 atoms
+above 50), so `max_neighbors=50` truncates nearly every atom there, as in the
+reference setup; `max_neighbors=64` removes the truncation. Unlike OCP, which
+re-symmetrises the truncated graph, a kept edge i -> j whose reverse j -> i was
+dropped simply receives no swapped message.
 
 Differences from the reference implementations, all deliberate:
 - Atom embedding table has `n_species` rows (contract of stablejax potentials)
@@ -56,7 +70,7 @@ import ml_collections
 import numpy as np
 
 from stablejax.potentials import common
-from stablejax.potentials.base import safe_norm
+from stablejax.potentials.base import edge_vectors, safe_norm
 
 # Distance (Å) given to empty neighbour slots: far beyond any cutoff, non-zero so
 # that norms and their gradients stay finite.
@@ -194,6 +208,23 @@ def neighbor_overflow(
     `max_neighbors` (see `check_neighbor_capacity`).
     """
     return max_neighbor_count(edges, mask, n_atoms) > max_neighbors
+
+
+def max_neighbors_needed(positions: jax.Array, edges: jax.Array, box=None, *, cutoff: float):
+    """Largest number of neighbours inside `cutoff` of any atom (scalar int32, jit-compatible).
+
+    Convenience for MD engines holding positions and a neighbour list: the model
+    truncates (non-smoothly) whenever this exceeds `config.max_neighbors`.
+
+    Args:
+      positions: [n, 3] Å.
+      edges: [2, e] int32 (e.g. a jax-md Sparse `neighbors.idx`), padding n.
+      box: [3] Å orthorhombic box or None (free space).
+      cutoff: Å (the model's `config.cutoff`).
+    """
+    vectors, mask = edge_vectors(positions, edges, box)
+    mask = mask & (safe_norm(vectors) < cutoff)
+    return max_neighbor_count(edges, mask, positions.shape[0])
 
 
 def count_triplets(edges: jax.Array, mask: jax.Array | None, n_atoms: int) -> int:
@@ -669,6 +700,7 @@ __all__: Sequence[str] = (
     "legendre_harmonics",
     "make_module",
     "max_neighbor_count",
+    "max_neighbors_needed",
     "neighbor_counts",
     "neighbor_overflow",
     "neighbor_slots",

@@ -277,6 +277,19 @@ def test_params_follow_float64(small):
     assert all(x.dtype == jnp.float64 for x in jax.tree.leaves(params))
 
 
+def test_vmap_over_replicas(aspirin, small):
+    """Replica-batched MD vmaps the energy: the sort-based slot packing must batch."""
+    species, x = aspirin
+    potential, params = small
+    edges = all_pairs_edges(species.size)
+    xs = jnp.asarray(x) + 0.05 * jax.random.normal(jax.random.key(3), (2,) + x.shape)
+    per_atom = jax.jit(potential.per_atom_energies)
+    batched = jax.jit(jax.vmap(potential.per_atom_energies, in_axes=(None, None, 0, None)))
+    e = batched(params, species, xs, edges)
+    for r in range(2):
+        np.testing.assert_allclose(e[r], per_atom(params, species, xs[r], edges), atol=1e-12)
+
+
 def test_invariances_aspirin(aspirin, small):
     species, x = aspirin
     potential, params = small

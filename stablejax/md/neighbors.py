@@ -7,11 +7,14 @@ What we do differently, and why:
 * Rebuild decision. jax-md's ``update`` decides with ``lax.cond`` on a
   per-replica predicate; under ``vmap`` that cond becomes a select and the
   list is rebuilt every step. We build with ``dr_threshold=0`` (update =
-  unconditional rebuild), decide per replica ourselves, and run the batched
-  rebuild under a ``lax.cond`` on the scalar "any replica needs it".
-  Each replica accepts the new list only if it needs one, so a replica's
-  edge history depends on its own trajectory alone (frozen/NaN replicas
-  cannot perturb the others, rewinds replay bitwise).
+  unconditional rebuild), compute the per-replica criterion ourselves, and
+  run the batched rebuild under a ``lax.cond`` on the scalar "any replica
+  needs it"; every active replica then takes its new list (one shared
+  schedule, so the batch rebuilds about as often as a single replica would).
+  Consequence: in periodic runs the edge *order* of a replica depends on when
+  the batch rebuilt, so results are reproducible to floating-point summation
+  order (not bitwise) when the batch composition changes; free-space runs
+  (fixed all-pairs edges) are bitwise independent of the other replicas.
 * Box changes (Berendsen NPT). The rebuild criterion covers isotropic box
   scaling: with s = L/L_ref, list radius r_l = cutoff + skin and d the largest
   displacement since the build (current box units), no pair inside the cutoff

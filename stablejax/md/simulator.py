@@ -436,7 +436,10 @@ class Simulator:
                             new.position, new.box
                         )
                         built = built.set(error=built.error | nb.error)
-                        return _select(need, built, nb)
+                        # Synchronised schedule: every active replica takes the new
+                        # list, so the batch rebuilds about as often as one replica
+                        # would (per-replica acceptance would rebuild ~R times more).
+                        return _select(active, built, nb)
 
                     nb = lax.cond(jnp.any(need), rebuild, lambda nb: nb, new.neighbors)
                     new = new.set(neighbors=nb)
@@ -447,7 +450,14 @@ class Simulator:
                 )
                 accept = active & finite
                 new = new.set(step=state.step + 1)
-                out = _select(accept, new, state)
+                # Edge arrays are large: keep them out of the per-step select. Only
+                # active replicas can have new lists, and a replica whose step is
+                # rejected is frozen for good (reset/rewind restore its list).
+                out = _select(accept, new.set(neighbors=None), state.set(neighbors=None))
+                if periodic:
+                    nb = new.neighbors
+                    nb = nb.set(error=jnp.where(accept, nb.error, state.neighbors.error))
+                    out = out.set(neighbors=nb)
                 out = out.set(unstable=state.unstable | (active & ~finite))
                 if history is not None:
                     snap = accept & (out.step % every == 0)

@@ -1,0 +1,291 @@
+"""Replica-batched MD throughput: atom-steps/s vs replicas, integrator overhead, vs ASE.
+
+For two systems (a periodic Lennard-Jones argon fluid and a free benzene
+molecule held by a Morse pair network) and R = 1, 8, 32, 128 replicas:
+
+* ``atom_steps_per_s``: R * n * steps / wall time of ``Simulator.run``
+  (Langevin, one jitted chunk, one frame recorded);
+* ``integrator_overhead``: MD time per step divided by the time per step of a
+  bare batched energy+force evaluation of the same batch (``lax.fori_loop``
+  under one jit, so no dispatch cost on either side); goal <= 1.2;
+* ``speedup_vs_ase``: the same R replicas run one at a time with ASE's own
+  ``ase.md.langevin.Langevin`` and an ASE calculator wrapping the same jitted
+  JAX energy/forces (periodic: the calculator rebuilds its neighbour list
+  each call, as an ASE calculator must), measured in the same process.
+
+Timings use ``block_until_ready`` (``run`` returns host arrays), the minimum
+of repeats, and report compile time separately.
+
+Usage:
+  python -m benchmarks.md_throughput [--out DIR] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from stablejax import md, units
+from stablejax.md import neighbors as md_neighbors
+from stablejax.potentials.base import all_pairs_edges, edge_vectors
+
+REPLICAS = (1, 8, 32, 128)
+
+
+def lj_energy_fn(cutoff, sigma=3.405, eps=0.0103):
+    """Shifted-force Lennard-Jones (argon) energy_fn (params unused beyond scale)."""
+
+    def v(r):
+        s6 = (sigma / r) ** 6
+        return 4.0 * eps * (s6 * s6 - s6)
+
+    def dv(r):
+        s6 = (sigma / r) ** 6
+        return 4.0 * eps * (-12.0 * s6 * s6 + 6.0 * s6) / r
+
+    def energy_fn(params, positions, edges, box):
+        d, mask = edge_vectors(positions, edges, box)
+        r2 = jnp.sum(d * d, axis=-1)
+        mask = mask & (r2 < cutoff**2)
+        r = jnp.sqrt(jnp.where(mask, r2, sigma**2))
+        e = v(r) - v(cutoff) - (r - cutoff) * dv(cutoff)
+        return params * 0.5 * jnp.sum(jnp.where(mask, e, 0.0))
+
+    return energy_fn
+
+
+def morse_network_energy_fn(reference):
+    """Morse pair network holding a molecule near its reference geometry [n, 3] Å."""
+    ref = np.linalg.norm(reference[:, None] - reference[None], axis=-1)
+    depth = np.where(ref < 1.6, 4.0, np.where(ref < 2.6, 1.0, 0.05))  # eV
+    np.fill_diagonal(depth, 0.0)
+    r0 = jnp.asarray(ref)
+    D = jnp.asarray(depth)
+
+    def energy_fn(params, positions, edges, box):
+        d, mask = edge_vectors(positions, edges, box)
+        r = jnp.sqrt(jnp.sum(d * d, axis=-1))
+        i = jnp.where(mask, edges[0], 0)
+        j = jnp.where(mask, edges[1], 0)
+        x = 1.0 - jnp.exp(-2.0 * (r - r0[i, j]))
+        return params * 0.5 * jnp.sum(jnp.where(mask, D[i, j] * x * x, 0.0))
+
+    return energy_fn
+
+
+def lj_system():
+    n_side = 5
+    density = 0.021  # atoms / Å^3, liquid argon
+    n = n_side**3
+    side = (n / density) ** (1 / 3)
+    g = np.stack(np.meshgrid(*[np.arange(n_side)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    x = (g + 0.5) * side / n_side
+    cutoff = 7.5
+    return {
+        "name": "lj_fluid",
+        "energy_fn": lj_energy_fn(cutoff),
+        "species": np.full(n, 18),
+        "positions": x,
+        "box": np.full(3, side),
+        "cutoff": cutoff,
+        "temperature_K": 120.0,
+        "dt_fs": 4.0,
+    }
+
+
+def molecule_system():
+    from ase.build import molecule
+
+    atoms = molecule("C6H6")
+    x = atoms.positions - atoms.positions.mean(0)
+    return {
+        "name": "benzene_morse",
+        "energy_fn": morse_network_energy_fn(x),
+        "species": atoms.numbers,
+        "positions": x,
+        "box": None,
+        "cutoff": None,
+        "temperature_K": 500.0,
+        "dt_fs": 0.5,
+    }
+
+
+def _timed(fn, repeats):
+    """(first call time, min of the following repeats) in seconds."""
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
+    best = np.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return first, best
+
+
+def bench_md(system, R, n_steps, repeats):
+    sim = md.Simulator(
+        system["energy_fn"],
+        species=system["species"],
+        box=system["box"],
+        cutoff=system["cutoff"],
+        skin=1.0,
+        integrator=md.Langevin(dt_fs=system["dt_fs"], friction_per_ps=1.0),
+        chunk_steps=n_steps,
+    )
+    rng = np.random.default_rng(0)
+    pos = system["positions"][None] + 0.02 * rng.normal(size=(R,) + system["positions"].shape)
+    kT = units.kT_from_kelvin(system["temperature_K"])
+    params = jnp.asarray(1.0)
+    holder = {"state": sim.init(jax.random.PRNGKey(0), params, pos, kT)}
+
+    def md_run():
+        holder["state"], _ = sim.run(params, holder["state"], n_steps, record_every=n_steps)
+
+    first, best = _timed(md_run, repeats)  # the first call compiles (and equilibrates)
+    md_step = best / n_steps
+    n = len(system["species"])
+
+    # Bare batched energy+force evaluation of the same batch, same loop length.
+    edges = sim._edges(holder["state"])
+    box = holder["state"].box
+    forces = jax.vmap(
+        sim._energy_force,
+        in_axes=(None, 0, None if system["box"] is None else 0, None if box is None else 0),
+    )
+
+    @jax.jit
+    def bare(position):
+        def body(_, r):
+            _, f, _ = forces(params, r, edges, box)
+            return r + 1e-30 * f  # carried, so the loop body cannot be hoisted
+
+        return jax.lax.fori_loop(0, n_steps, body, position)
+
+    position = holder["state"].position
+    _, f_best = _timed(lambda: bare(position).block_until_ready(), repeats)
+    force_step = f_best / n_steps
+    return {
+        "replicas": R,
+        "atom_steps_per_s": R * n * n_steps / best,
+        "md_step_s": md_step,
+        "force_eval_s": force_step,
+        "integrator_overhead": md_step / force_step,
+        "compile_s": max(first - best, 0.0),
+        "traces": sim.num_traces,
+    }, sim
+
+
+def bench_ase(system, n_steps):
+    """Seconds per step of ASE's Langevin on one replica with the same JAX forces."""
+    import ase
+    from ase.calculators.calculator import Calculator, all_changes
+    from ase.md.langevin import Langevin
+
+    energy_fn = system["energy_fn"]
+    params = jnp.asarray(1.0)
+    n = len(system["species"])
+    if system["box"] is None:
+        edges = jnp.asarray(all_pairs_edges(n))
+
+        @jax.jit
+        def energy_forces(r):
+            e, g = jax.value_and_grad(lambda x: energy_fn(params, x, edges, None))(r)
+            return e, -g
+    else:
+        box = jnp.asarray(system["box"])
+        layout, cap = md_neighbors.make_layout(
+            system["cutoff"], 0.0, system["positions"][None], system["box"][None]
+        )
+        cap = int(1.5 * cap)
+
+        @jax.jit
+        def energy_forces(r):
+            nb = md_neighbors.build(layout, r, box, cap)
+            e, g = jax.value_and_grad(lambda x: energy_fn(params, x, nb.edges, box))(r)
+            return e, -g
+
+    class JaxCalculator(Calculator):
+        implemented_properties = ["energy", "forces"]
+
+        def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+            super().calculate(atoms, properties, system_changes)
+            e, f = energy_forces(jnp.asarray(self.atoms.positions))
+            self.results = {"energy": float(e), "forces": np.asarray(f)}
+
+    atoms = ase.Atoms(numbers=system["species"], positions=system["positions"])
+    if system["box"] is not None:
+        atoms.set_cell(np.diag(system["box"]))
+        atoms.set_pbc(True)
+    atoms.calc = JaxCalculator()
+    dyn = Langevin(
+        atoms,
+        timestep=system["dt_fs"] * units.fs,
+        temperature_K=system["temperature_K"],
+        friction=1.0 / units.ps,
+    )
+    dyn.run(5)  # compile
+    t0 = time.perf_counter()
+    dyn.run(n_steps)
+    return (time.perf_counter() - t0) / n_steps
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None, help="directory for md_throughput.json")
+    parser.add_argument("--quick", action="store_true", help="fewer steps and repeats")
+    args = parser.parse_args(argv)
+    jax.config.update("jax_enable_x64", False)
+    n_steps = 100 if args.quick else 500
+    repeats = 2 if args.quick else 3
+    ase_steps = 50 if args.quick else 200
+
+    results = {"device": str(jax.devices()[0]), "n_steps": n_steps, "systems": {}}
+    for system in (lj_system(), molecule_system()):
+        n = len(system["species"])
+        per_r = {}
+        for R in REPLICAS:
+            row, _ = bench_md(system, R, n_steps, repeats)
+            per_r[str(R)] = row
+        ase_step = bench_ase(system, ase_steps)
+        ase_atom_steps = n / ase_step
+        top = per_r[str(REPLICAS[-1])]
+        results["systems"][system["name"]] = {
+            "n_atoms": n,
+            "periodic": system["box"] is not None,
+            "replicas": per_r,
+            "ase_atom_steps_per_s": ase_atom_steps,
+            "ase_step_s": ase_step,
+            "integrator_overhead": top["integrator_overhead"],
+            "speedup_vs_ase": top["atom_steps_per_s"] / ase_atom_steps,
+        }
+
+    print(f"device: {results['device']}  (float32, {n_steps} steps per timed run)")
+    print(f"{'system':15s} {'R':>4s} {'atom-steps/s':>14s} {'overhead':>9s} {'compile s':>10s}")
+    for name, res in results["systems"].items():
+        for R, row in res["replicas"].items():
+            print(
+                f"{name:15s} {R:>4s} {row['atom_steps_per_s']:14.4g} "
+                f"{row['integrator_overhead']:9.2f} {row['compile_s']:10.1f}"
+            )
+        print(
+            f"{name:15s} ASE Langevin one replica: {res['ase_atom_steps_per_s']:.4g} atom-steps/s;"
+            f" speedup at R={REPLICAS[-1]}: {res['speedup_vs_ase']:.1f}x"
+        )
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, "md_throughput.json")
+        with open(path, "w") as fh:
+            json.dump(results, fh, indent=2)
+        print(f"wrote {path}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -10,7 +10,6 @@ harmonics are mislabelled 1e (axial) must lose reflection invariance.
 
 from __future__ import annotations
 
-import ase.io
 import e3nn_jax as e3nn
 import jax
 import jax.numpy as jnp
@@ -20,13 +19,10 @@ import pytest
 from stablejax.potentials import factory, nequip, testing
 from stablejax.potentials.base import all_pairs_edges, edge_vectors
 
-XYZ = "/work/shared/data/aspirin_md17_dft_frames.xyz"
-
 
 @pytest.fixture(scope="module")
 def aspirin():
-    atoms = ase.io.read(XYZ, 0)
-    return np.asarray(atoms.numbers), np.asarray(atoms.positions, dtype=np.float64)
+    return testing.aspirin()  # an MD17 DFT frame (Å)
 
 
 @pytest.fixture(scope="module")

@@ -397,3 +397,9 @@ def test_normalization_single_composition_is_mean_per_atom(toy):
     )
     with pytest.raises(ValueError, match=r"\[7\]"):
         normalization.fit_energy_shift(_dataset([7, 1], 2, np.zeros(3), rng), [1, 6, 8])
+
+
+def test_factory_dispatches_pair_potentials():
+    config = factory.default_config("lennard_jones")
+    assert config.name == "lennard_jones"
+    assert factory.build(config).name == "lennard_jones"

@@ -28,6 +28,7 @@ import numpy as np
 from stablejax import observables, stability, units
 from stablejax.data import load, sample_initial_conditions, split_dataset
 from stablejax.data import topology as topo
+from stablejax.estimator import reweight_observable
 from stablejax.evaluation import EvalSettings, evaluate_model, structural_observables, write_report
 from stablejax.potentials import factory, normalization
 from stablejax.potentials import io as model_io
@@ -174,7 +175,11 @@ def system_topology(dataset, train):
 def build_model(config, dataset, train):
     potential = factory.build(config.model)
     key = jax.random.PRNGKey(config.seed)
-    params = potential.init(key, dataset.species, train.positions[0], dataset.box)
+    factory.check_species(config.model, dataset.species)
+    # Initialising under jit is much faster than op-by-op for the larger models.
+    init = jax.jit(potential.init)
+    params = init(key, jnp.asarray(dataset.species), jnp.asarray(train.positions[0]),
+                  None if dataset.box is None else jnp.asarray(dataset.box))  # fmt: skip
     params = normalization.fit_energy_normalization(params, train, config.model)
     return potential, params
 
@@ -308,11 +313,34 @@ def stable_train(config, potential, params, dataset, train, target, criterion, w
     return params, history
 
 
-def evaluate(config, potential, models, dataset, test, bonds, eq, mol, workdir, *, suffix=""):
-    """Evaluates every model in `models` on the same held-out initial states."""
+def evaluate(
+    config,
+    potential,
+    models,
+    dataset,
+    test,
+    bonds,
+    eq,
+    mol,
+    workdir,
+    *,
+    suffix="",
+    temperature_K=None,
+    dt_fs=None,
+    reference=None,
+    extra=None,
+):
+    """Evaluates every model in `models` on the same held-out initial states.
+
+    `temperature_K` / `dt_fs` override the evaluation temperature and time step;
+    `reference` replaces the reference observables (e.g. reweighted to another
+    temperature); `extra` is added to final_metrics.json.
+    """
     e = config.eval
     temperature = e.temperature_K if e.temperature_K > 0 else config.md.temperature_K
     dt = e.dt_fs if e.dt_fs > 0 else config.md.dt_fs
+    temperature = temperature_K or temperature
+    dt = dt_fs or dt
     box = dataset.box
     if box is not None:
         obs_settings = dict(RDF_EVAL)
@@ -407,8 +435,52 @@ def evaluate(config, potential, models, dataset, test, bonds, eq, mol, workdir, 
         qm_metrics=qm_metrics,
         title=title,
         notes=notes,
+        extra=extra,
     )
     return final, out_dir
+
+
+def reweighted_reference(config, dataset, temperature_K):
+    """Reference observables at `temperature_K` reweighted from the data (and the ESS)."""
+    o = config.observable
+    obs_settings = {"r_max": o.r_max, "dr": o.dr, "sigma": o.sigma}
+    if dataset.energies is None:
+        raise ValueError("temperature transfer needs the reference data's energies")
+    frames = jnp.asarray(dataset.positions)
+    per_frame = jax.jit(
+        jax.vmap(lambda x: structural_observables(x, dataset.species, dataset.box, **obs_settings))
+    )(frames)
+    T0 = dataset.metadata.get("temperature_K", config.md.temperature_K)
+    ref, ess = reweight_observable(
+        {k: np.asarray(v) for k, v in per_frame.items()},
+        jnp.asarray(dataset.energies),
+        kT_from=units.kT_from_kelvin(float(T0)),
+        kT_to=units.kT_from_kelvin(temperature_K),
+    )
+    return {k: np.asarray(v) for k, v in ref.items()}, float(ess), float(T0)
+
+
+def extra_evaluations(config, potential, models, dataset, test, bonds, eq, mol, workdir):
+    """Temperature transfer and time-step study (config.eval.transfer_temperatures_K,
+    config.eval.timestep_study_fs); each writes its own eval_<...>/ folder."""
+    results = {}
+    for T in config.eval.transfer_temperatures_K:
+        ref, ess, T0 = reweighted_reference(config, dataset, float(T))
+        log(f"temperature transfer to {T} K: reference reweighted from {T0} K, ESS {ess:.1f}")
+        final, _ = evaluate(
+            config, potential, models, dataset, test, bonds, eq, mol, workdir,
+            suffix=f"_T{float(T):g}K", temperature_K=float(T), reference=ref,
+            extra={"reference_reweighted_from_K": T0, "reference_ess": ess,
+                   "n_reference_frames": dataset.n_frames},
+        )  # fmt: skip
+        results[f"T{float(T):g}K"] = final
+    for dt in config.eval.timestep_study_fs:
+        final, _ = evaluate(
+            config, potential, models, dataset, test, bonds, eq, mol, workdir,
+            suffix=f"_dt{float(dt):g}fs", dt_fs=float(dt),
+        )  # fmt: skip
+        results[f"dt{float(dt):g}fs"] = final
+    return results
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,7 +529,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         model_io.save_model(stable_path, config.model, stable_params)
 
     models = {"baseline": baseline, "stable": stable_params}
-    final, out_dir = evaluate(config, potential, models, dataset, test, bonds, eq, mol, workdir)
+    out_dir = os.path.join(workdir, "eval")
+    done_path = os.path.join(out_dir, "final_metrics.json")
+    if os.path.exists(done_path):
+        # A finished evaluation is kept (delete eval/ to redo it); later presets such as
+        # `transfer` reuse the trained models and only add their own evaluations.
+        log(f"evaluation already done: {done_path}")
+        with open(done_path) as f:
+            final = json.load(f)
+    else:
+        final, out_dir = evaluate(config, potential, models, dataset, test, bonds, eq, mol, workdir)
+    extra_evaluations(config, potential, models, dataset, test, bonds, eq, mol, workdir)
     log(f"done in {time.time() - t0:.0f} s")
     for name in models:
         m = final[name]

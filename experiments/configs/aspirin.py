@@ -11,7 +11,7 @@ import ml_collections
 from experiments.configs import base
 from stablejax.potentials import factory
 
-PRESETS = ("paper", "quick", "test")
+PRESETS = ("paper", "quick", "test", "transfer", "timestep")
 
 
 def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
@@ -48,7 +48,7 @@ def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
         c.eval.time_ps = 1000.0
         c.pretrain.epochs = 2000
         c.pretrain.patience = 50
-    elif preset == "quick":
+    elif preset in ("quick", "transfer", "timestep"):
         c.reductions = (
             "GFN2-xTB data (1200 frames) instead of DFT; SchNet with 3 interactions; "
             "32 training replicas, 400 steps/epoch; 30 epochs of StABlE; evaluation 32 "
@@ -70,6 +70,14 @@ def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
         c.eval.n_replicas = 32
         c.eval.time_ps = 10.0
         c.eval.record_every = 40
+        if preset == "transfer":
+            # Run after `quick` in the same workdir: reuses its trained models and
+            # evaluates them at 350 K and 700 K against references reweighted from
+            # the 500 K data (the effective sample size goes into final_metrics.json).
+            c.eval.transfer_temperatures_K = (350.0, 700.0)
+        if preset == "timestep":
+            # Run after `quick` in the same workdir: the time-step study.
+            c.eval.timestep_study_fs = (0.25, 1.0, 2.0)
     elif preset == "test":
         c.reductions = "CI smoke test: tiny data, model, replica counts and run lengths."
         c.data.n_frames = 40

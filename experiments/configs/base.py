@@ -114,7 +114,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.vacf_window = 100  # steps
     c.eval.n_test_frames = 200  # test frames for energy/force MAE
     # Extra evaluation temperatures (K) with references reweighted from the data.
-    c.eval.transfer_temperatures_K = []
+    c.eval.transfer_temperatures_K = ()
     # Extra evaluation time steps (fs): the time-step study.
-    c.eval.timestep_study_fs = []
+    c.eval.timestep_study_fs = ()
     return c

@@ -24,6 +24,10 @@ the loaded dataset gives the first frame of each.
 Output: sGDML npz with ``R`` Å, ``z``, ``E`` kcal/mol, ``F`` kcal/mol/Å (the MD17
 convention, stated in ``e_unit``), ``theory='GFN2-xTB'`` (this is semi-empirical tight
 binding, never DFT), and a JSON sidecar with parameters, sanity figures and the rate.
+The sanity ``T_sem_K`` is the expected error of a trajectory's mean temperature
+(:func:`langevin_temperature_sem`): about 44 K for 3 ps of aspirin at friction 1/ps,
+because a small molecule's total energy stays correlated for 1/friction; means of
+435-445 K are therefore ordinary fluctuations, not a cold thermostat.
 
 Chunks of ``chunk_frames`` frames per trajectory are saved atomically with the state to
 continue from; each chunk's Langevin noise is seeded by (seed, trajectory, chunk), so a
@@ -56,6 +60,9 @@ __all__ = [
     "molecule_params",
     "rdkit_geometry",
     "generate_molecule",
+    "langevin_dynamics",
+    "langevin_temperature_sem",
+    "molecule_sanity",
 ]
 
 #: SMILES of the generated molecules.
@@ -134,6 +141,35 @@ def _rng(seed: int, traj: int, chunk: int) -> np.random.Generator:
     return np.random.default_rng([seed, traj, chunk])
 
 
+def langevin_dynamics(atoms, *, dt_fs: float, temperature_K: float, friction_per_ps: float, rng):
+    """The generator's thermostat: ASE Langevin with the centre of mass held by FixCom.
+
+    Args:
+      atoms: ASE Atoms with a calculator; its constraints are replaced by ``FixCom``.
+      dt_fs: time step, fs.
+      temperature_K: bath temperature, K.
+      friction_per_ps: Langevin friction, 1/ps.
+      rng: numpy Generator for the noise.
+
+    Returns:
+      The ``ase.md.langevin.Langevin`` object; the kinetic temperature counts 3n - 3
+      degrees of freedom.
+    """
+    from ase.constraints import FixCom
+    from ase.md.langevin import Langevin
+
+    # Centre of mass held by a constraint (ASE's fixcm=True option biases small systems).
+    atoms.set_constraint(FixCom())
+    return Langevin(
+        atoms,
+        timestep=dt_fs * units.fs,
+        temperature_K=temperature_K,
+        friction=units.friction_per_ps_to_ase(friction_per_ps),
+        fixcm=False,
+        rng=rng,
+    )
+
+
 def _trajectory_worker(job: dict, progress_queue) -> None:
     """Runs (or resumes) one trajectory in its own process; reports progress by queue."""
     for var in _THREAD_VARS:
@@ -148,8 +184,6 @@ def _trajectory_worker(job: dict, progress_queue) -> None:
 
 def _run_trajectory(job: dict, progress_queue) -> None:
     from ase import Atoms
-    from ase.constraints import FixCom
-    from ase.md.langevin import Langevin
     from ase.md.velocitydistribution import (
         MaxwellBoltzmannDistribution,
         Stationary,
@@ -163,7 +197,6 @@ def _run_trajectory(job: dict, progress_queue) -> None:
     n_target = job["n_frames"]
     store = ChunkStore(job["partial"], prefix=f"traj{j}")
     eq_path = Path(job["partial"]) / f"traj{j}_equilibrated.npz"
-    dt = p["dt_fs"] * units.fs
     seed = p["seed"]
 
     def make_atoms(species, positions):
@@ -172,15 +205,11 @@ def _run_trajectory(job: dict, progress_queue) -> None:
         return atoms
 
     def langevin(atoms, friction_per_ps, rng):
-        # Centre of mass held by a constraint (ASE's fixcm=True option biases small
-        # systems); the kinetic temperature then counts 3n - 3 degrees of freedom.
-        atoms.set_constraint(FixCom())
-        return Langevin(
+        return langevin_dynamics(
             atoms,
-            timestep=dt,
+            dt_fs=p["dt_fs"],
             temperature_K=p["temperature_K"],
-            friction=friction_per_ps / units.ps,
-            fixcm=False,
+            friction_per_ps=friction_per_ps,
             rng=rng,
         )
 
@@ -323,14 +352,86 @@ def _run_all(jobs, n_workers, n_frames, name, progress):
             bar.close()
 
 
-def molecule_sanity(species, R, V, E) -> dict:
+def langevin_temperature_sem(
+    temperature_K: float,
+    *,
+    n_atoms: int,
+    friction_per_ps: float,
+    duration_ps: float,
+    n_frames: int,
+) -> float:
+    """Expected standard error (K) of the mean kinetic temperature of one Langevin run.
+
+    Model: a molecule of ``n_atoms`` atoms, centre of mass fixed (3n - 3 degrees of
+    freedom: 3n - 6 vibrations and 3 rotations), friction gamma on every atom. The
+    kinetic energy of a vibration is half a slow part (its total energy, which the
+    bath exchanges at rate gamma; exact for harmonic modes) and half an oscillating
+    part, taken as independent between frames; a rotation's kinetic energy relaxes at
+    rate 2 gamma. The variance of the time average of a process with correlation time
+    tau over a window t is var * w(t / tau), w(x) = 2/x - 2 (1 - exp(-x)) / x^2.
+
+    For aspirin at 500 K, friction 1/ps and 3 ps this gives 44 K: the total energy,
+    hence the temperature, of a small molecule stays correlated for 1/gamma, and a run
+    of a few 1/gamma holds only a few independent values of it. Block averages over
+    such a run underestimate this error several-fold.
+
+    Args:
+      temperature_K: bath temperature, K.
+      n_atoms: atoms in the molecule (at least 3).
+      friction_per_ps: Langevin friction, 1/ps.
+      duration_ps: length of the averaged run, ps.
+      n_frames: frames averaged.
+
+    Returns:
+      Standard error of <T>, K.
+    """
+    if n_atoms < 3 or friction_per_ps <= 0 or duration_ps <= 0 or n_frames < 1:
+        raise ValueError(
+            "need n_atoms >= 3 and positive friction_per_ps, duration_ps and n_frames; got "
+            f"{n_atoms}, {friction_per_ps}, {duration_ps}, {n_frames}"
+        )
+
+    def window(x):
+        return 2.0 / x - 2.0 * (-np.expm1(-x)) / x**2
+
+    dof = 3 * n_atoms - 3
+    n_vib, n_rot = 3 * n_atoms - 6, 3
+    x = friction_per_ps * duration_ps
+    # Per-frame variance of T is 2 T^2 / dof = (T / dof)^2 (2 n_vib + 2 n_rot).
+    var = (temperature_K / dof) ** 2 * (
+        n_vib * window(x) + 2 * n_rot * window(2 * x) + n_vib / n_frames
+    )
+    return float(np.sqrt(var))
+
+
+def molecule_sanity(
+    species,
+    R,
+    V,
+    E,
+    *,
+    temperature_K: float | None = None,
+    friction_per_ps: float | None = None,
+    frame_interval_fs: float | None = None,
+) -> dict:
     """Sanity figures of one trajectory.
 
-    <T> in K (3n - 3 degrees of freedom; ``T_sem_K`` from 10 block means, an
-    underestimate for runs not much longer than 1/friction: the kinetic energy of a
-    small molecule exchanges with the bath on that time scale), energy mean/std in eV,
-    and the largest deviation (Å) of a bond length from its trajectory mean, bonds from
-    covalent radii on the first frame.
+    Args:
+      species: [n] atomic numbers.
+      R: [m, n, 3] positions, Å.
+      V: [m, n, 3] velocities, Å/(ASE time).
+      E: [m] potential energies (any unit; reported as given, named eV).
+      temperature_K: bath temperature, K.
+      friction_per_ps: Langevin friction of the run, 1/ps.
+      frame_interval_fs: time between frames, fs.
+
+    Returns:
+      dict with ``T_mean_K`` (3n - 3 degrees of freedom), ``T_sem_K`` (the expected
+      standard error from :func:`langevin_temperature_sem` when the three keywords are
+      given, else the block estimate), ``T_sem_blocks_K`` (from 10 block means; it
+      underestimates the error of runs not much longer than 1/friction), energy mean/std,
+      and the largest deviation (Å) of a bond length from its trajectory mean, bonds
+      from covalent radii on the first frame.
     """
     from ase.data import atomic_masses
 
@@ -340,9 +441,20 @@ def molecule_sanity(species, R, V, E) -> dict:
     v = np.asarray(V)  # Å/(ASE time)
     ke = 0.5 * np.einsum("i,mij->m", masses, v**2)
     temps = 2 * ke / ((3 * len(species) - 3) * units.kB)
+    sem_blocks = block_standard_error(temps)
+    sem = sem_blocks
+    if None not in (temperature_K, friction_per_ps, frame_interval_fs):
+        sem = langevin_temperature_sem(
+            temperature_K,
+            n_atoms=len(species),
+            friction_per_ps=friction_per_ps,
+            duration_ps=len(temps) * frame_interval_fs / 1000.0,
+            n_frames=len(temps),
+        )
     out = {
         "T_mean_K": float(temps.mean()),
-        "T_sem_K": block_standard_error(temps),
+        "T_sem_K": sem,
+        "T_sem_blocks_K": sem_blocks,
         "energy_mean_eV": float(np.mean(E)),
         "energy_std_eV": float(np.std(E)),
     }
@@ -415,7 +527,17 @@ def generate_molecule(
             reports.append({k: float(f[k]) for k in f.files})
         starts.append(sum(len(p["E"]) for p in parts))
         parts.append(data)
-        sanity.append(molecule_sanity(species, data["R"], data["V"], data["E"]))
+        sanity.append(
+            molecule_sanity(
+                species,
+                data["R"],
+                data["V"],
+                data["E"],
+                temperature_K=params["temperature_K"],
+                friction_per_ps=params["friction_per_ps"],
+                frame_interval_fs=params["stride"] * params["dt_fs"],
+            )
+        )
     R = np.concatenate([p["R"] for p in parts])
     ds = Dataset(
         species=species,

@@ -352,7 +352,7 @@ def write_sgdml_npz(
     if dataset.frame_interval_fs is not None:
         arrays["frame_interval_fs"] = np.array(float(dataset.frame_interval_fs))
     arrays.update(extra or {})
-    return _atomic_write(path, lambda f: np.savez(f, **arrays))
+    return atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 # ------------------------------------------------------------------------------ rMD17
@@ -609,7 +609,7 @@ def write_mdsim_water(
         ),
     }
     data.update(extra or {})
-    return _atomic_write(path, lambda f: np.save(f, data, allow_pickle=True))
+    return atomic_write(path, lambda f: np.save(f, data, allow_pickle=True))
 
 
 # --------------------------------------------------------------------------------- ASE
@@ -830,7 +830,7 @@ def load(path, *, format: str | None = None, **options) -> Dataset:
 # ---------------------------------------------------------------------------- writing
 
 
-def _atomic_write(path, write) -> Path:
+def atomic_write(path, write) -> Path:
     """Writes through a temporary file in the same directory, then renames it in place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
+
+from stablejax.data.readers import atomic_write
 
 __all__ = [
     "params_hash",
@@ -62,33 +63,12 @@ def cache_paths(out_dir, name: str, params: dict, ext: str) -> tuple[Path, Path,
 
 def atomic_write_bytes(path, data: bytes) -> Path:
     """Writes `data` to a temporary file next to `path`, fsyncs, then renames it over."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return atomic_write(path, lambda f: f.write(data))
 
 
 def atomic_save_npz(path, **arrays) -> Path:
     """``np.savez`` through a temporary file and ``os.replace`` (never a half file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npz")
-    try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def write_sidecar(path, content: dict) -> Path:

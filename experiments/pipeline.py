@@ -204,7 +204,7 @@ def pretrain(config, potential, params, train, val, workdir):
     return params
 
 
-def training_criterion(config, dataset, bonds, eq, mol, *, evaluation=False, ref_rdfs=None):
+def stability_criterion(config, dataset, bonds, eq, mol, *, evaluation=False, ref_rdfs=None):
     s = config.stability
     name = s.eval_criterion if evaluation else s.criterion
     threshold = s.eval_threshold if evaluation else s.threshold
@@ -367,7 +367,7 @@ def evaluate(
             ).mean(axis=0)
             for p in WATER_PAIRS
         }
-    criterion = training_criterion(
+    criterion = stability_criterion(
         config, dataset, bonds, eq, mol, evaluation=True, ref_rdfs=ref_rdfs
     )
     window = 1
@@ -517,7 +517,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         model_io.save_model(base_path, config.model, baseline)
 
     stable_path = os.path.join(models_dir, "stable")
-    criterion = training_criterion(config, dataset, bonds, eq, mol)
+    criterion = stability_criterion(config, dataset, bonds, eq, mol)
     target = observable_target(config, dataset, train, bonds, mol)
     if os.path.exists(stable_path):
         _, stable_params = model_io.load_model(stable_path)
@@ -605,7 +605,7 @@ def run_lj(config, workdir) -> dict:
     baseline = potential.init(
         jax.random.PRNGKey(config.seed), dataset.species, dataset.positions[0], dataset.box
     )
-    criterion = training_criterion(config, dataset, None, None, mol)
+    criterion = stability_criterion(config, dataset, None, None, mol)
     target = observable_target(config, dataset, dataset, None, mol)
     models_dir = os.path.join(workdir, "models")
     stable_path = os.path.join(models_dir, "stable")

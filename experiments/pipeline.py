@@ -204,6 +204,19 @@ def pretrain(config, potential, params, train, val, workdir):
     return params
 
 
+def refit_shift(config, potential, params, train, label):
+    """`qm.refit_energy_shift` on the training set when config.refit_energy_shift (logged)."""
+    if not config.refit_energy_shift or train.energies is None:
+        return params
+    params, delta = qm.refit_energy_shift(potential, params, train)
+    counts = normalization.species_counts(train.species, config.model.species)
+    log(
+        f"{label} model: energy zero re-fitted on the training set "
+        f"(constant offset {1e3 * float(counts @ delta):+.1f} meV; forces unchanged)"
+    )
+    return params
+
+
 def stability_criterion(config, dataset, bonds, eq, mol, *, evaluation=False, ref_rdfs=None):
     s = config.stability
     name = s.eval_criterion if evaluation else s.criterion
@@ -424,6 +437,11 @@ def evaluate(
     notes = f"Evaluation: {e.integrator}, {temperature} K, dt {dt} fs, criterion " + (
         f"{criterion.name} (threshold {criterion.threshold})."
     )
+    if config.refit_energy_shift:
+        notes += (
+            " Energy errors are after re-fitting each model's constant per-species energy "
+            "shift on the training set (`refit_energy_shift`; forces and dynamics unchanged)."
+        )
     if config.reductions:
         notes += f"\n\nPreset reductions w.r.t. the paper: {config.reductions}"
     final = write_report(
@@ -514,6 +532,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         log(f"baseline model loaded from {base_path}")
     else:
         baseline = pretrain(config, potential, params, train, val, workdir)
+        baseline = refit_shift(config, potential, baseline, train, "baseline")
         model_io.save_model(base_path, config.model, baseline)
 
     stable_path = os.path.join(models_dir, "stable")
@@ -526,6 +545,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         stable_params, _ = stable_train(
             config, potential, baseline, dataset, train, target, criterion, workdir
         )
+        stable_params = refit_shift(config, potential, stable_params, train, "StABlE")
         model_io.save_model(stable_path, config.model, stable_params)
 
     models = {"baseline": baseline, "stable": stable_params}

@@ -392,3 +392,44 @@ def test_plot_training_curves(tmp_path):
     assert os.path.getsize(out) > 1000
     with open(out, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_refit_energy_shift_removes_constant_offsets_and_keeps_forces():
+    """Reference energies = model energies + counts . s_true (three compositions): the
+    refit recovers s_true, the residuals vanish, and the forces are bitwise unchanged."""
+    from stablejax.potentials import factory
+
+    cfg = factory.default_config("schnet")
+    cfg.species = [1, 6, 8]
+    cfg.hidden_features, cfg.n_filters, cfg.n_interactions = 8, 8, 1
+    cfg.n_gaussians, cfg.head_features = 6, 4
+    potential = factory.build(cfg)
+    rng = np.random.default_rng(3)
+    molecules = {"C2H6O": [6, 6, 8, 1, 1, 1, 1, 1, 1], "H2O": [8, 1, 1], "CH4": [6, 1, 1, 1, 1]}
+    s_true = np.array([-0.37, -2.9, 1.15])  # eV per H, C, O
+    params = potential.init(
+        jax.random.PRNGKey(0), np.array(molecules["H2O"]), rng.normal(size=(3, 3)) * 1.2
+    )
+    datasets = []
+    for z in molecules.values():
+        z = np.array(z)
+        pos = rng.normal(size=(4, len(z), 3)) * 1.3
+        blank = Dataset(
+            species=z, positions=pos, energies=np.zeros(4), forces=np.zeros((4, len(z), 3))
+        )
+        e_model = qm.predict_energies(potential, params, blank)
+        counts = np.array([np.sum(z == k) for k in (1, 6, 8)], float)
+        energies = e_model + counts @ s_true
+        datasets.append(Dataset(species=z, positions=pos, energies=energies, forces=blank.forces))
+    refit, delta = qm.refit_energy_shift(potential, params, datasets)
+    np.testing.assert_allclose(delta, s_true, atol=1e-4)
+    for d in datasets:
+        np.testing.assert_allclose(qm.predict_energies(potential, refit, d), d.energies, atol=1e-4)
+        edges = np.asarray(qm.all_pairs_edges(d.n_atoms))
+        f0 = potential.forces(params, d.species, d.positions[0], edges)
+        f1 = potential.forces(refit, d.species, d.positions[0], edges)
+        np.testing.assert_array_equal(np.asarray(f0), np.asarray(f1))
+    with pytest.raises(ValueError, match="no energies"):
+        qm.refit_energy_shift(
+            potential, params, Dataset(species=np.array([1, 1]), positions=np.zeros((1, 2, 3)))
+        )

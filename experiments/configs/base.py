@@ -16,6 +16,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     # Human-readable list of what this preset changes w.r.t. the paper.
     c.reductions = ""
+    # After pre-training and after StABlE, re-fit the per-species energy shift to the
+    # training energies (least squares). It is a constant per composition: no force,
+    # trajectory or observable changes; only the energy zero, which training lets drift.
+    c.refit_energy_shift = True
 
     # --- data -----------------------------------------------------------------
     c.data = ml_collections.ConfigDict()

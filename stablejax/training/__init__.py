@@ -20,7 +20,9 @@ from stablejax.training.qm import (
     make_evaluator,
     make_qm_gradient,
     make_qm_loss,
+    predict_energies,
     prepare_frames,
+    refit_energy_shift,
     train_qm,
 )
 
@@ -37,8 +39,10 @@ __all__ = [
     "make_qm_gradient",
     "make_qm_loss",
     "plot_training_curves",
+    "predict_energies",
     "prepare_frames",
     "progress_bar",
     "read_metrics",
+    "refit_energy_shift",
     "train_qm",
 ]

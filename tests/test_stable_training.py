@@ -175,3 +175,20 @@ def test_pipeline_test_preset_end_to_end(tmp_path):
             assert key in final[name]
     for f in ("eval/final_metrics.json", "eval/report.md", "eval/survival.png", "config.json"):
         assert (tmp_path / "run" / f).exists(), f
+
+
+@pytest.mark.parametrize("system", ["aspirin", "tetrapeptide", "water", "lj"])
+def test_every_preset_is_valid_and_builds(system):
+    """Every shipped preset passes validation, states its reductions and builds its model."""
+    import importlib
+
+    module = importlib.import_module(f"experiments.configs.{system}")
+    for preset in module.PRESETS:
+        config = module.get_config(preset)
+        pipeline.validate_config(config)
+        assert config.preset == preset
+        if preset not in ("paper", "npt"):  # npt: the paper's water settings + barostat
+            assert config.reductions, f"{system}:{preset} does not list its reductions"
+        factory.build(config.model)
+    with pytest.raises(ValueError, match="unknown preset"):
+        module.get_config("nonsense")

@@ -42,6 +42,7 @@ def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
         c.md.n_replicas = 128
         c.md.steps_per_epoch = 2000
         c.stable.sample_every = 50
+        c.md.check_every = 50  # stability checked on every sampled frame
         c.stable.batch_size = 40
         c.stable.max_epochs = 200
         c.eval.n_replicas = 256

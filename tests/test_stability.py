@@ -193,3 +193,34 @@ def test_bad_inputs_raise():
         st.min_intermolecular_distance(np.zeros((3, 3)), np.zeros(3, int))
     with pytest.raises(ValueError, match="frame_times"):
         st.first_unstable_time(np.zeros((2, 5), bool), np.arange(4))
+
+
+def test_median_confidence_interval_coverage_and_exact_ranks():
+    """The order-statistic CI covers the true median at >= the stated level (exponential
+    stable times, 2000 trials: within 3 SE) and uses the binomial ranks (n = 32: the 10th
+    and 23rd values, the classic table entry)."""
+    from scipy import stats
+
+    from stablejax.evaluation import median_confidence_interval
+
+    x = np.arange(1.0, 33.0)
+    lo, hi, level = median_confidence_interval(x)
+    assert (lo, hi) == (10.0, 23.0)
+    assert level == pytest.approx(stats.binom.cdf(22, 32, 0.5) - stats.binom.cdf(9, 32, 0.5))
+    assert level >= 0.95
+    # One rank narrower would fall below 95 %.
+    assert stats.binom.cdf(21, 32, 0.5) - stats.binom.cdf(10, 32, 0.5) < 0.95
+
+    rng = np.random.default_rng(0)
+    true_median = np.log(2.0)  # exponential, mean 1
+    trials = 2000
+    hits = 0
+    for _ in range(trials):
+        lo, hi, level = median_confidence_interval(rng.exponential(size=32))
+        hits += lo <= true_median <= hi
+    se = np.sqrt(level * (1 - level) / trials)
+    assert hits / trials >= level - 3 * se
+    # Too few samples for 95 %: (min, max) with its real coverage.
+    assert median_confidence_interval([3.0, 1.0]) == (1.0, 3.0, 0.5)
+    with pytest.raises(ValueError):
+        median_confidence_interval([])

@@ -204,6 +204,14 @@ def pretrain(config, potential, params, train, val, workdir):
     return params
 
 
+def _ci_text(metrics: dict) -> str:
+    ci = metrics.get("median_stable_time_ci_ps")
+    if not ci:  # evaluations written before the CI existed
+        return ""
+    level = metrics.get("median_stable_time_ci_level", float("nan"))
+    return f" [{ci[0]:.2f}, {ci[1]:.2f}] at {100 * level:.0f} % coverage"
+
+
 def refit_shift(config, potential, params, train, label):
     """`qm.refit_energy_shift` on the training set when config.refit_energy_shift (logged)."""
     if not config.refit_energy_shift or train.energies is None:
@@ -564,8 +572,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for name in models:
         m = final[name]
         log(
-            f"{name:>8}: median stable time {m['median_stable_time_ps']:.2f} ps "
-            f"(mean {m['mean_stable_time_ps']:.2f} ps, {m['n_unstable']}/{m['n_replicas']} unstable)"
+            f"{name:>8}: median stable time {m['median_stable_time_ps']:.2f} ps"
+            + _ci_text(m)
+            + f" (mean {m['mean_stable_time_ps']:.2f} ps, "
+            f"{m['n_unstable']}/{m['n_replicas']} unstable)"
         )
     log(f"outputs: {workdir} (report: {os.path.join(out_dir, 'report.md')})")
     return final

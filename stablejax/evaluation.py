@@ -133,6 +133,41 @@ def median_confidence_interval(samples, level: float = 0.95) -> tuple[float, flo
     return float(x[best - 1]), float(x[n - best]), coverage
 
 
+def paired_stable_time_test(first, second) -> dict:
+    """One-sided Wilcoxon signed-rank test that `second` outlives `first` replica by replica.
+
+    The evaluation starts both models from the same initial states, so stable times pair
+    up; the signed-rank test on the differences needs no distribution and handles ties at
+    the censoring time as zero differences (Pratt's treatment, which keeps them in the
+    ranking). All differences zero (e.g. identical models): p = 1.
+
+    Args:
+      first, second: [R] stable times (ps) of the two models on the same initial states.
+
+    Returns:
+      {'test', 'n', 'n_longer', 'n_shorter', 'median_difference_ps', 'p_value'}.
+    """
+    from scipy import stats
+
+    a = np.asarray(first, dtype=np.float64).ravel()
+    b = np.asarray(second, dtype=np.float64).ravel()
+    if a.shape != b.shape or a.size == 0:
+        raise ValueError(f"paired stable times must have one shape, got {a.shape} and {b.shape}")
+    d = b - a
+    if np.all(d == 0):
+        p = 1.0
+    else:
+        p = float(stats.wilcoxon(d, zero_method="pratt", alternative="greater").pvalue)
+    return {
+        "test": "one-sided Wilcoxon signed-rank, second > first",
+        "n": int(d.size),
+        "n_longer": int(np.sum(d > 0)),
+        "n_shorter": int(np.sum(d < 0)),
+        "median_difference_ps": float(np.median(d)),
+        "p_value": p,
+    }
+
+
 def structural_observables(positions, species, box, *, r_max: float, dr: float, sigma: float):
     """{name: [..., bins]} of the evaluation observables of frames [..., n, 3] Å.
 
@@ -355,6 +390,12 @@ def write_report(
         m["energy_mae_meV"] = q.get("energy_mae_meV")
         m["force_mae_meV_per_A"] = q.get("force_mae_meV_per_A")
         final[name] = m
+    if len(results) == 2:
+        first, second = results.values()
+        if first.stable_time_ps.shape == second.stable_time_ps.shape:
+            final["paired_test"] = paired_stable_time_test(
+                first.stable_time_ps, second.stable_time_ps
+            ) | {"models": list(results)}
     if extra:
         final.update(extra)
     with open(os.path.join(out_dir, "final_metrics.json"), "w") as f:
@@ -430,6 +471,14 @@ def write_report(
         f"resolution {res0.resolution_ps:g} ps; replicas never unstable count as "
         f"{res0.max_time_ps:g} ps (censored)."
     )
+    if "paired_test" in final:
+        pt = final["paired_test"]
+        lines.append(
+            f"Paired test on the same initial states ({pt['test']}): {pt['models'][1]} "
+            f"outlives {pt['models'][0]} in {pt['n_longer']} of {pt['n']} replicas, shorter in "
+            f"{pt['n_shorter']}; median difference {pt['median_difference_ps']:.3g} ps; "
+            f"p = {pt['p_value']:.3g}."
+        )
     lines.append("")
     for caption, fname in figs:
         lines += [f"## {caption}", "", f"![{caption}]({fname})", ""]

@@ -224,3 +224,26 @@ def test_median_confidence_interval_coverage_and_exact_ranks():
     assert median_confidence_interval([3.0, 1.0]) == (1.0, 3.0, 0.5)
     with pytest.raises(ValueError):
         median_confidence_interval([])
+
+
+def test_paired_stable_time_test():
+    """A clear paired gain gives a small p, a clear loss a p near 1, identical models p = 1;
+    under the null (exchangeable pairs) p is uniform: P(p < 0.05) within 3 SE of 0.05."""
+    from stablejax.evaluation import paired_stable_time_test
+
+    rng = np.random.default_rng(1)
+    base = rng.exponential(size=32)
+    better = paired_stable_time_test(base, base + 0.5 + 0.1 * rng.random(32))
+    assert better["p_value"] < 1e-4 and better["n_longer"] == 32 and better["n_shorter"] == 0
+    worse = paired_stable_time_test(base, base - 0.5)
+    assert worse["p_value"] > 0.99
+    assert paired_stable_time_test(base, base)["p_value"] == 1.0
+    trials = 600
+    small = sum(
+        paired_stable_time_test(rng.exponential(size=32), rng.exponential(size=32))["p_value"]
+        < 0.05
+        for _ in range(trials)
+    )
+    assert abs(small / trials - 0.05) < 3 * np.sqrt(0.05 * 0.95 / trials)
+    with pytest.raises(ValueError):
+        paired_stable_time_test([1.0, 2.0], [1.0])

@@ -53,8 +53,8 @@ def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
         c.reductions = (
             "GFN2-xTB data (1200 frames, 2 trajectories) instead of DFT; SchNet with 3 "
             "interactions; pre-training 26 epochs; 32 training replicas x 200 steps per "
-            "epoch (0.1 ps); StABlE 80 epochs (two learning cycles) with lr 2e-2 (paper 1e-3, which needs "
-            "hundreds of learning steps) and lambda 0.05 (paper 10: with our eV-based QM loss "
+            "epoch (0.1 ps); StABlE 80 epochs (two learning cycles) with lr 2e-2 (paper "
+            "1e-3, which needs hundreds of learning steps) and lambda 0.05 (paper 10: with our eV-based QM loss "
             "and few steps, lambda >= 1 lets the QM gradient dominate the clipped step and the QM "
             "loss oscillates); evaluation 32 replicas x 5 ps instead of 256 x 1 ns."
         )

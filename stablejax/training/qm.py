@@ -51,6 +51,7 @@ import numpy as np
 import optax
 
 from stablejax.data.dataset import Dataset
+from stablejax.potentials import normalization
 from stablejax.potentials.base import Potential, all_pairs_edges
 from stablejax.training.checkpoint import CheckpointManager
 from stablejax.training.metrics import MetricsWriter, format_metrics, progress_bar, read_metrics
@@ -507,7 +508,19 @@ def predict_energies(
     frames = prepare_frames(dataset, potential, dtype=_float_dtype(params))
 
     def build():
-        return jax.jit(lambda p, fr, idx: _predict(potential, p, fr, idx)[0])
+        # Energies only: no force (backward) pass, unlike `_predict`.
+        @jax.jit
+        def batch_energies(params, frames, idx):
+            if frames.edges.ndim == 3:
+                edges, edges_axis = frames.edges[idx], 0
+            else:
+                edges, edges_axis = frames.edges, None
+            return jax.vmap(
+                lambda x, e: potential.energy(params, frames.species, x, e, frames.box),
+                in_axes=(0, edges_axis),
+            )(frames.positions[idx], edges)
+
+        return batch_energies
 
     batch_energies = _cached_jit("energies", potential, (), build)
     idx_batches, w_batches = _batch_indices(frames.n_frames, batch_size)
@@ -540,8 +553,6 @@ def refit_energy_shift(
     Returns:
       (params with the corrected energy_shift, correction [n_species] eV).
     """
-    from stablejax.potentials import normalization
-
     if isinstance(datasets, Dataset):
         datasets = [datasets]
     supported = [int(z) for z in potential.config.species]

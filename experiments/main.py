@@ -18,6 +18,13 @@ def main(system: str) -> None:
         lock_config=True,
     )
     flags.DEFINE_string("workdir", f"runs/{system}", "Output folder (resumable).")
+    flags.DEFINE_string(
+        "seeds",
+        "",
+        "Run the whole study once per seed (e.g. '0,1,2') into WORKDIR/seed_<k>/ and write "
+        "WORKDIR/summary.json and summary.md (per-seed medians, their mean and 95 % "
+        "interval, paired test pooled over seeds). Empty: one run with --config.seed.",
+    )
 
     def _run(argv):
         if len(argv) > 1:
@@ -30,9 +37,14 @@ def main(system: str) -> None:
                 f"--config is a {config.system!r} config; use experiments/configs/{system}.py"
             )
         try:
-            pipeline.run(config, flags.FLAGS.workdir)
+            if flags.FLAGS.seeds:
+                pipeline.run_seeds(
+                    config, flags.FLAGS.workdir, pipeline.parse_seeds(flags.FLAGS.seeds)
+                )
+            else:
+                pipeline.run(config, flags.FLAGS.workdir)
         except ValueError as err:
-            if str(err).startswith("config."):
+            if str(err).startswith(("config.", "--seeds")):
                 print(f"error: {err}", file=sys.stderr)
                 sys.exit(2)
             raise

@@ -29,7 +29,13 @@ from stablejax import observables, stability, units
 from stablejax.data import load, sample_initial_conditions, split_dataset
 from stablejax.data import topology as topo
 from stablejax.estimator import reweight_observable
-from stablejax.evaluation import EvalSettings, evaluate_model, structural_observables, write_report
+from stablejax.evaluation import (
+    EvalCriterion,
+    EvalSettings,
+    evaluate_model,
+    structural_observables,
+    write_report,
+)
 from stablejax.potentials import factory, normalization
 from stablejax.potentials import io as model_io
 from stablejax.training import qm
@@ -95,16 +101,19 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         f"unknown {config.stable.estimator!r}",
     )
     need(
-        config.stability.criterion
-        in ("bond_length_deviation", "min_intermolecular_distance", "rdf_mae"),
+        config.stability.criterion in CRITERIA,
         "stability.criterion",
-        f"unknown {config.stability.criterion!r}",
+        f"unknown {config.stability.criterion!r}; choose one of {CRITERIA}",
     )
     need(
-        config.stability.eval_criterion
-        in ("bond_length_deviation", "min_intermolecular_distance", "rdf_mae"),
+        config.stability.eval_criterion in CRITERIA,
         "stability.eval_criterion",
-        f"unknown {config.stability.eval_criterion!r}",
+        f"unknown {config.stability.eval_criterion!r}; choose one of {CRITERIA}",
+    )
+    need(
+        config.stability.eval_guard in CRITERIA + ("",),
+        "stability.eval_guard",
+        f"unknown {config.stability.eval_guard!r}; choose one of {CRITERIA} or ''",
     )
     need(
         config.observable.name in ("distance_histogram", "oh_bond_length", "rdf"),
@@ -223,21 +232,57 @@ def refit_shift(config, potential, params, train, label):
     return params
 
 
-def stability_criterion(config, dataset, bonds, eq, mol, *, evaluation=False, ref_rdfs=None):
-    s = config.stability
-    name = s.eval_criterion if evaluation else s.criterion
-    threshold = s.eval_threshold if evaluation else s.threshold
+CRITERIA = (
+    "bond_length_deviation",
+    "min_intermolecular_distance",
+    "rdf_mae",
+    "min_nonbonded_distance",
+)
+
+
+def make_criterion(name, threshold, dataset, bonds, eq, mol, *, ref_rdfs=None):
+    """The `stability` criterion `name` with `threshold` for this system."""
     if name == "bond_length_deviation":
         return stability.bond_length_criterion(bonds, eq, threshold=threshold, box=dataset.box)
     if name == "min_intermolecular_distance":
         return stability.intermolecular_distance_criterion(
             mol, threshold=threshold, box=dataset.box
         )
+    if name == "min_nonbonded_distance":
+        if bonds is None:
+            raise ValueError("config.stability: 'min_nonbonded_distance' needs a bonded system")
+        return stability.nonbonded_contact_criterion(
+            dataset.n_atoms, bonds, threshold=threshold, box=dataset.box
+        )
     if name == "rdf_mae":
         return stability.rdf_mae_criterion(
             dataset.species, dataset.box, ref_rdfs, threshold=threshold, **RDF_EVAL
         )
     raise ValueError(f"config.stability.criterion: unknown {name!r}")
+
+
+def stability_criterion(config, dataset, bonds, eq, mol, *, evaluation=False, ref_rdfs=None):
+    """The training criterion, or (evaluation=True) the headline evaluation criterion."""
+    s = config.stability
+    name = s.eval_criterion if evaluation else s.criterion
+    threshold = s.eval_threshold if evaluation else s.threshold
+    return make_criterion(name, threshold, dataset, bonds, eq, mol, ref_rdfs=ref_rdfs)
+
+
+def evaluation_criteria(config, dataset, bonds, eq, mol, *, frame_ps, ref_rdfs=None):
+    """[EvalCriterion]: the headline evaluation criterion and the guard (if any)."""
+    s = config.stability
+    specs = [(s.eval_criterion, s.eval_threshold)]
+    if s.eval_guard and s.eval_guard != s.eval_criterion:
+        specs.append((s.eval_guard, s.eval_guard_threshold))
+    out = []
+    for name, threshold in specs:
+        window = 1
+        if name == "rdf_mae":
+            window = max(1, int(round(s.rdf_window_ps / frame_ps)))
+        crit = make_criterion(name, threshold, dataset, bonds, eq, mol, ref_rdfs=ref_rdfs)
+        out.append(EvalCriterion(crit, window_frames=window))
+    return out
 
 
 def observable_target(config, dataset, train, bonds, mol) -> ObservableTarget:
@@ -375,7 +420,7 @@ def evaluate(
         )(ref_frames).items()
     }
     ref_rdfs = None
-    if config.stability.eval_criterion == "rdf_mae":
+    if "rdf_mae" in (config.stability.eval_criterion, config.stability.eval_guard):
         from stablejax.evaluation import WATER_PAIRS
 
         ref_rdfs = {
@@ -386,20 +431,16 @@ def evaluate(
             ).mean(axis=0)
             for p in WATER_PAIRS
         }
-    criterion = stability_criterion(
-        config, dataset, bonds, eq, mol, evaluation=True, ref_rdfs=ref_rdfs
-    )
-    window = 1
     frame_ps = e.record_every * dt / 1000.0
-    if config.stability.eval_criterion == "rdf_mae":
-        window = max(1, int(round(config.stability.rdf_window_ps / frame_ps)))
+    criteria = evaluation_criteria(
+        config, dataset, bonds, eq, mol, frame_ps=frame_ps, ref_rdfs=ref_rdfs
+    )
     settings = EvalSettings(
         time_ps=e.time_ps,
         dt_fs=dt,
         temperature_K=temperature,
         record_every=e.record_every,
         vacf_window=e.vacf_window,
-        window_frames=window,
     )
     integrator = make_integrator(
         e.integrator,
@@ -426,7 +467,7 @@ def evaluate(
             params,
             init,
             settings=settings,
-            criterion=criterion,
+            criteria=criteria,
             species=dataset.species,
             box=box,
             observable_settings=obs_settings,
@@ -440,8 +481,18 @@ def evaluate(
     bins = observables.bin_centers(obs_settings["r_max"], obs_settings["dr"])
     out_dir = os.path.join(workdir, "eval" + suffix)
     title = f"StABlE evaluation: {config.system} ({config.preset}){suffix}"
-    notes = f"Evaluation: {e.integrator}, {temperature} K, dt {dt} fs, criterion " + (
-        f"{criterion.name} (threshold {criterion.threshold})."
+    notes = (
+        f"Evaluation: {e.integrator}, {temperature} K, dt {dt} fs; criteria: "
+        + "; ".join(
+            f"{c.name} (threshold {c.criterion.threshold}"
+            + (f", {c.window_frames * frame_ps:g} ps windows" if c.window_frames > 1 else "")
+            + ")"
+            for c in criteria
+        )
+        + (
+            ". A replica is unstable at the first crossing of any criterion (combined) or at "
+            "the first frame after a non-finite step; `by_criterion` gives each one alone."
+        )
     )
     if config.refit_energy_shift:
         notes += (
@@ -577,6 +628,241 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         )
     log(f"outputs: {workdir} (report: {os.path.join(out_dir, 'report.md')})")
     return final
+
+
+# ---------------------------------------------------------------------------------------------
+# Several seeds: the whole study per seed, then one summary
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0,1,2' or '0-4' -> [0, 1, 2] / [0, 1, 2, 3, 4]; raises ValueError naming --seeds."""
+    seeds = []
+    try:
+        for part in str(text).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if "-" in part[1:]:
+                lo, hi = part.split("-", 1) if not part.startswith("-") else (part, "")
+                seeds.extend(range(int(lo), int(hi) + 1))
+            else:
+                seeds.append(int(part))
+    except ValueError as err:
+        raise ValueError(f"--seeds: expected e.g. '0,1,2' or '0-2', got {text!r}") from err
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ValueError(f"--seeds: need distinct non-negative seeds, got {text!r}")
+    return seeds
+
+
+def run_seeds(config: ml_collections.ConfigDict, workdir: str, seeds) -> dict:
+    """The whole study once per seed into `workdir/seed_<k>/`, then `summary.json`/`.md`.
+
+    Each seed changes the model initialisation, data split, MD initial states and noise
+    (`config.seed`); the reference data stay the same (`config.data.seed`). Every
+    seed's run is resumable on its own.
+    """
+    validate_config(config)
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    os.makedirs(workdir, exist_ok=True)
+    per_seed, wall = {}, {}
+    for k in seeds:
+        cfg = config.copy_and_resolve_references()
+        with cfg.unlocked():
+            cfg.seed = int(k)
+        log(f"=== seed {k} ({list(seeds).index(k) + 1} of {len(seeds)}) ===")
+        t0 = time.time()
+        per_seed[int(k)] = run(cfg, os.path.join(workdir, f"seed_{k}"))
+        wall[int(k)] = time.time() - t0
+    summary = summarize_seeds(per_seed, wall_time_s=wall)
+    summary["config"] = {"system": config.system, "preset": config.preset}
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    with open(os.path.join(workdir, "summary.md"), "w") as f:
+        f.write(summary_markdown(summary, title=f"{config.system} `{config.preset}`"))
+    for name, m in summary["models"].items():
+        lo, hi = m["median_stable_time_ps"]["interval_95"]
+        log(
+            f"{name:>8}: per-seed median stable times {m['median_stable_time_ps']['per_seed']} "
+            f"ps; mean {m['median_stable_time_ps']['mean']:.2f} ps, 95 % interval "
+            f"[{lo:.2f}, {hi:.2f}]"
+        )
+    for pair, t in summary["paired_tests"].items():
+        log(f"paired test {pair} (pooled over seeds): p = {t['p_value']:.3g}")
+    log(f"summary: {os.path.join(workdir, 'summary.md')}")
+    return summary
+
+
+def _mean_interval(values, level: float = 0.95) -> tuple[float, float, float]:
+    """Mean and Student-t interval of a few per-seed values (no interval for one value)."""
+    from scipy import stats
+
+    v = np.asarray([x for x in values if x is not None], dtype=np.float64)
+    if v.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    m = float(v.mean())
+    if v.size < 2:
+        return m, float("nan"), float("nan")
+    half = float(stats.t.ppf(0.5 + level / 2, v.size - 1) * v.std(ddof=1) / np.sqrt(v.size))
+    return m, m - half, m + half
+
+
+def summarize_seeds(per_seed: dict, *, wall_time_s: dict | None = None) -> dict:
+    """Summary over seeds of `final_metrics.json` dicts {seed: final}.
+
+    Per model: the per-seed medians of the stable time (combined criterion), their mean
+    with a 95 % Student-t interval, the pooled median of all replicas with its
+    order-statistic CI, counts, force MAE and observable errors per seed, and the same
+    medians per criterion. Paired tests: each model against the first ('baseline'),
+    one-sided Wilcoxon over all replicas of all seeds, paired by seed and initial state.
+    """
+    from stablejax.evaluation import median_confidence_interval, paired_stable_time_test
+
+    seeds = sorted(per_seed)
+    if not seeds:
+        raise ValueError("summarize_seeds needs at least one seed")
+    first = per_seed[seeds[0]]
+    models = [k for k, v in first.items() if isinstance(v, dict) and "stable_times_ps" in v]
+    out = {"seeds": seeds, "models": {}, "paired_tests": {}}
+    if wall_time_s:
+        out["wall_time_s"] = {str(k): float(v) for k, v in wall_time_s.items()}
+    for name in models:
+        runs = [per_seed[s][name] for s in seeds]
+        medians = [r["median_stable_time_ps"] for r in runs]
+        mean, lo, hi = _mean_interval(medians)
+        pooled = np.concatenate([r["stable_times_ps"] for r in runs])
+        plo, phi, plevel = median_confidence_interval(pooled)
+        m = {
+            "median_stable_time_ps": {
+                "per_seed": medians,
+                "mean": mean,
+                "interval_95": [lo, hi],
+                "interval": "Student-t 95 % interval of the mean of per-seed medians",
+            },
+            "pooled": {
+                "median_stable_time_ps": float(np.median(pooled)),
+                "median_ci_ps": [plo, phi],
+                "median_ci_level": plevel,
+                "mean_stable_time_ps": float(np.mean(pooled)),
+                "n_replicas": int(pooled.size),
+                "n_unstable": int(sum(r["n_unstable"] for r in runs)),
+                "n_non_finite": int(
+                    sum(c == "non_finite" for r in runs for c in r.get("unstable_cause", []))
+                ),
+            },
+            "max_time_ps": runs[0].get("max_time_ps"),
+        }
+        for key in ("force_mae_meV_per_A", "energy_mae_meV", "diffusivity_A2_per_ps") + tuple(
+            k for k in runs[0] if k.endswith("_mae") and k not in ("energy_mae", "force_mae")
+        ):
+            vals = [r.get(key) for r in runs]
+            if any(v is not None for v in vals):
+                mean_k, lo_k, hi_k = _mean_interval(vals)
+                m[key] = {"per_seed": vals, "mean": mean_k, "interval_95": [lo_k, hi_k]}
+        by = {}
+        for crit in runs[0].get("by_criterion", {}):
+            meds = [r["by_criterion"][crit]["median_stable_time_ps"] for r in runs]
+            cm, clo, chi = _mean_interval(meds)
+            times = np.concatenate([r["by_criterion"][crit]["stable_times_ps"] for r in runs])
+            by[crit] = {
+                "per_seed_median_ps": meds,
+                "mean_of_medians_ps": cm,
+                "interval_95": [clo, chi],
+                "pooled_median_ps": float(np.median(times)),
+                "n_unstable": int(sum(r["by_criterion"][crit]["n_unstable"] for r in runs)),
+            }
+        m["by_criterion"] = by
+        out["models"][name] = m
+    ref = models[0]
+    for name in models[1:]:
+        a = np.concatenate([per_seed[s][ref]["stable_times_ps"] for s in seeds])
+        b = np.concatenate([per_seed[s][name]["stable_times_ps"] for s in seeds])
+        out["paired_tests"][f"{name} vs {ref}"] = paired_stable_time_test(a, b)
+    return out
+
+
+def summary_markdown(summary: dict, *, title: str) -> str:
+    """summary.md: the seeds summary as tables."""
+
+    def f(x):
+        return "–" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.3g}"
+
+    seeds = summary["seeds"]
+    names = list(summary["models"])
+    lines = [
+        f"# Summary over seeds {seeds}: {title}",
+        "",
+        "Stable times use the combined evaluation criterion (first crossing of any "
+        "criterion, or a non-finite step). Interval: Student-t 95 % interval of the mean "
+        "of the per-seed medians; pooled: all replicas of all seeds, median with its "
+        "order-statistic CI.",
+        "",
+        "| | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    row = []
+    for n in names:
+        m = summary["models"][n]["median_stable_time_ps"]
+        row.append(", ".join(f(v) for v in m["per_seed"]))
+    lines.append("| median stable time per seed (ps) | " + " | ".join(row) + " |")
+    row = []
+    for n in names:
+        m = summary["models"][n]["median_stable_time_ps"]
+        row.append(f"{f(m['mean'])} [{f(m['interval_95'][0])}, {f(m['interval_95'][1])}]")
+    lines.append("| mean of medians [95 %] (ps) | " + " | ".join(row) + " |")
+    row = []
+    for n in names:
+        p = summary["models"][n]["pooled"]
+        row.append(
+            f"{f(p['median_stable_time_ps'])} [{f(p['median_ci_ps'][0])}, "
+            f"{f(p['median_ci_ps'][1])}]"
+        )
+    lines.append("| pooled median [CI] (ps) | " + " | ".join(row) + " |")
+    row = []
+    for n in names:
+        p = summary["models"][n]["pooled"]
+        row.append(f"{p['n_unstable']}/{p['n_replicas']} ({p['n_non_finite']} non-finite)")
+    lines.append("| unstable replicas | " + " | ".join(row) + " |")
+    keys = [k for k in summary["models"][names[0]] if isinstance(summary["models"][names[0]][k], dict) and "per_seed" in summary["models"][names[0]][k] and k != "median_stable_time_ps"]  # fmt: skip
+    for k in keys:
+        row = []
+        for n in names:
+            m = summary["models"][n].get(k)
+            row.append(
+                "–" if m is None else f"{f(m['mean'])} ({', '.join(f(v) for v in m['per_seed'])})"
+            )
+        lines.append(f"| {k}: mean (per seed) | " + " | ".join(row) + " |")  # fmt: skip
+    lines.append("")
+    crits = list(summary["models"][names[0]]["by_criterion"])
+    if crits:
+        lines += [
+            "By criterion alone (per-seed medians, ps; unstable replicas):",
+            "",
+            "| criterion | " + " | ".join(names) + " |",
+            "|---|" + "---|" * len(names),
+        ]
+        for c in crits:
+            row = []
+            for n in names:
+                b = summary["models"][n]["by_criterion"][c]
+                row.append(
+                    ", ".join(f(v) for v in b["per_seed_median_ps"]) + f"; {b['n_unstable']}"
+                )
+            lines.append(f"| {c} | " + " | ".join(row) + " |")
+        lines.append("")
+    for pair, t in summary["paired_tests"].items():
+        lines.append(
+            f"Paired test {pair}, pooled over seeds ({t['test']}): longer in {t['n_longer']} "
+            f"of {t['n']} pairs, shorter in {t['n_shorter']}; median difference "
+            f"{t['median_difference_ps']:.3g} ps; p = {t['p_value']:.3g}."
+        )
+    if "wall_time_s" in summary:
+        lines += [
+            "",
+            "Wall time of this invocation per seed (s; a resumed seed counts only what "
+            "ran): " + ", ".join(f"{k}: {v:.0f}" for k, v in summary["wall_time_s"].items()),
+        ]
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------

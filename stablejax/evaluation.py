@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from stablejax import observables, units
-from stablejax.stability import StabilityCriterion, first_unstable_time, survival_curve
+from stablejax.stability import StabilityCriterion
 
 #: Element pairs of the water RDFs (O-O, O-H, H-H).
 WATER_PAIRS = ((8, 8), (8, 1), (1, 1))
@@ -64,11 +64,36 @@ class EvalSettings:
         return self.record_every * self.dt_fs / 1000.0
 
 
+@dataclasses.dataclass(frozen=True)
+class EvalCriterion:
+    """A stability criterion as the evaluation applies it.
+
+    Attributes:
+      criterion: the `StabilityCriterion`.
+      window_frames: 1 for a per-frame criterion (metric sees frames [R, F, n, 3]);
+        > 1 for a windowed one (RDF MAE: metric sees [R, W, window_frames, n, 3],
+        every frame of a crossing window counts as unstable from the window's start).
+    """
+
+    criterion: StabilityCriterion
+    window_frames: int = 1
+
+    @property
+    def name(self) -> str:
+        return self.criterion.name
+
+
 @dataclasses.dataclass
 class EvalResult:
-    """What one model's evaluation produced (NumPy arrays, units in names)."""
+    """What one model's evaluation produced (NumPy arrays, units in names).
 
-    stable_time_ps: np.ndarray  # [R], = max_time_ps when never unstable (censored)
+    A replica is unstable from the first recorded frame that crosses any criterion
+    (the combined criterion) or at which the simulator had flagged it (a step went
+    non-finite; its frames repeat the last finite state). Its frames from then on
+    never enter observables, VACF or diffusivity.
+    """
+
+    stable_time_ps: np.ndarray  # [R] combined criterion, = max_time_ps when never unstable
     ever_unstable: np.ndarray  # [R] bool
     max_time_ps: float
     resolution_ps: float
@@ -76,25 +101,101 @@ class EvalResult:
     n_stable_frames: int
     vacf: np.ndarray | None  # [window], normalised, mean over replicas
     diffusivity_A2_per_ps: float | None
+    # [R] "non_finite" (the simulator flagged it), "criterion" or None (never unstable).
+    unstable_cause: list = dataclasses.field(default_factory=list)
+    # [R] name of the criterion that ended the replica (None if never / non-finite).
+    unstable_criterion: list = dataclasses.field(default_factory=list)
+    # name -> (stable times [R] ps, ever_unstable [R] bool) under that criterion alone
+    # (non-finite steps count for every criterion); times = max_time_ps when censored.
+    by_criterion: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def censored_times_ps(self) -> np.ndarray:
+        """[R] stable times with +inf for replicas that never became unstable."""
+        return np.where(self.ever_unstable, self.stable_time_ps, np.inf)
 
     def summary(self) -> dict:
-        t = self.stable_time_ps
-        lo, hi, level = median_confidence_interval(t)
-        return {
-            "median_stable_time_ps": float(np.median(t)),
-            # Distribution-free CI of the median (order statistics); `level` is the
-            # coverage actually achieved (below 0.95 when there are few replicas).
-            "median_stable_time_ci_ps": [lo, hi],
-            "median_stable_time_ci_level": level,
-            "mean_stable_time_ps": float(np.mean(t)),
-            "n_replicas": int(t.size),
-            "n_unstable": int(self.ever_unstable.sum()),
-            "max_time_ps": float(self.max_time_ps),
-            "stable_time_resolution_ps": float(self.resolution_ps),
-            "n_stable_frames": int(self.n_stable_frames),
-            "diffusivity_A2_per_ps": self.diffusivity_A2_per_ps,
-            "stable_times_ps": [float(v) for v in t],  # per replica, for your own statistics
+        out = stable_time_summary(self.stable_time_ps, self.ever_unstable)
+        out.update(
+            max_time_ps=float(self.max_time_ps),
+            stable_time_resolution_ps=float(self.resolution_ps),
+            n_stable_frames=int(self.n_stable_frames),
+            diffusivity_A2_per_ps=self.diffusivity_A2_per_ps,
+            unstable_cause=list(self.unstable_cause),
+            unstable_criterion=list(self.unstable_criterion),
+        )
+        keep = (
+            "median_stable_time_ps",
+            "median_stable_time_ci_ps",
+            "mean_stable_time_ps",
+            "n_unstable",
+            "stable_times_ps",
+        )
+        out["by_criterion"] = {
+            name: {k: v for k, v in stable_time_summary(t, ever).items() if k in keep}
+            for name, (t, ever) in self.by_criterion.items()
         }
+        return out
+
+
+def stable_time_summary(stable_times_ps, ever_unstable) -> dict:
+    """Median (with its order-statistic CI), mean and counts of per-replica stable times."""
+    t = np.asarray(stable_times_ps, dtype=np.float64)
+    lo, hi, level = median_confidence_interval(t)
+    return {
+        "median_stable_time_ps": float(np.median(t)),
+        # Distribution-free CI of the median (order statistics); `level` is the
+        # coverage actually achieved (below 0.95 when there are few replicas).
+        "median_stable_time_ci_ps": [lo, hi],
+        "median_stable_time_ci_level": level,
+        "mean_stable_time_ps": float(np.mean(t)),
+        "n_replicas": int(t.size),
+        "n_unstable": int(np.sum(ever_unstable)),
+        "stable_times_ps": [float(v) for v in t],  # per replica, for your own statistics
+    }
+
+
+def survival_estimate(stable_times_ps, ever_unstable, grid_ps, level: float = 0.95):
+    """Kaplan-Meier survival of replicas with censoring, and its pointwise band.
+
+    Replicas that never became unstable are right-censored at their stable time (the
+    run length), not failures: the curve ends at (number never unstable) / R, not 0.
+    With every replica followed to the same horizon this is the empirical fraction
+    still stable; the band is Greenwood's (log-log) from `scipy.stats.ecdf`.
+
+    Args:
+      stable_times_ps: [R] first unstable time, or the censoring time.
+      ever_unstable: [R] bool, False = censored.
+      grid_ps: [k] times.
+      level: band coverage.
+
+    Returns:
+      (survival [k], lower [k], upper [k]).
+    """
+    from scipy import stats
+
+    t = np.asarray(stable_times_ps, dtype=np.float64).ravel()
+    failed = np.asarray(ever_unstable, bool).ravel()
+    grid = np.asarray(grid_ps, dtype=np.float64)
+    if t.shape != failed.shape or t.size == 0:
+        raise ValueError("stable_times_ps and ever_unstable must be [R] with R >= 1")
+    if not failed.any():
+        ones = np.ones_like(grid)
+        return ones, ones, ones
+    data = stats.CensoredData(uncensored=t[failed], right=t[~failed])
+    sf = stats.ecdf(data).sf
+    surv = sf.evaluate(grid)
+    import warnings
+
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        # Undefined where the estimate is 0 or 1 (NaN there); replaced by the estimate.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ci = sf.confidence_interval(level, method="log-log")
+        lo, hi = ci.low.evaluate(grid), ci.high.evaluate(grid)
+    lo = np.where(np.isfinite(lo), lo, surv)
+    hi = np.where(np.isfinite(hi), hi, surv)
+    # Before the first failure the estimate is exactly 1.
+    return surv, np.minimum(lo, surv), np.maximum(hi, surv)
 
 
 def median_confidence_interval(samples, level: float = 0.95) -> tuple[float, float, float]:
@@ -202,7 +303,7 @@ def evaluate_model(
     initial_positions,
     *,
     settings: EvalSettings,
-    criterion: StabilityCriterion,
+    criteria,
     species,
     box,
     observable_settings: Mapping,
@@ -210,15 +311,22 @@ def evaluate_model(
     progress: bool = True,
     label: str = "",
 ) -> EvalResult:
-    """Long MD of all replicas with the evaluation criterion.
+    """Long MD of all replicas, judged by every criterion at once.
+
+    Each replica's stable time under each criterion is recorded (`by_criterion`);
+    its combined stable time is the earliest of them. A replica the simulator
+    flagged (a non-finite step) is unstable from the first frame recorded at or
+    after the flag under every criterion. A replica keeps running until every
+    criterion has marked it (or it went non-finite), so each criterion's figure is
+    its own; only frames before the combined stable time enter observables, VACF and
+    diffusivity. Observables and criteria use each frame's own box (NPT).
 
     Args:
       sim: `stablejax.md.Simulator` with the evaluation integrator.
       params: model parameters.
       initial_positions: [R, n, 3] Å held-out starting structures.
-      settings: `EvalSettings`.
-      criterion: evaluation criterion; per-frame metrics get frames [R, F, n, 3],
-        windowed ones (settings.window_frames > 1) get [R, W, window, n, 3].
+      settings: `EvalSettings` (its `window_frames` is ignored: see `EvalCriterion`).
+      criteria: `EvalCriterion`s (bare `StabilityCriterion`s are per-frame).
       species: [n] atomic numbers.
       box: [3] Å or None.
       observable_settings: {'r_max', 'dr', 'sigma'} (Å) of the structural observables.
@@ -226,18 +334,30 @@ def evaluate_model(
       progress: print a line per segment.
       label: name shown in the progress lines.
     """
+    if isinstance(criteria, StabilityCriterion | EvalCriterion):
+        criteria = [criteria]
+    criteria = [c if isinstance(c, EvalCriterion) else EvalCriterion(c) for c in criteria]
+    if not criteria:
+        raise ValueError("evaluate_model needs at least one stability criterion")
+    names = [c.name for c in criteria]
+    if len(set(names)) != len(names):
+        raise ValueError(f"criteria names must be distinct, got {names}")
+    if any(c.window_frames < 1 for c in criteria):
+        raise ValueError("EvalCriterion.window_frames must be >= 1")
     kT = units.kT_from_kelvin(settings.temperature_K)
     state = sim.init(key, params, jnp.asarray(initial_positions), kT)
-    R = int(state.position.shape[0])
+    R = int(np.shape(initial_positions)[0])
     dt_ps = settings.dt_fs / 1000.0
+    periodic = box is not None
 
-    # VACF: velocities every step at the start of the run.
+    # VACF: velocities every step at the start of the run, of replicas that stayed
+    # finite over the whole VACF window (a flagged replica's frames are frozen copies).
     vacf = None
     if settings.vacf_window > 1:
         n_v = 2 * settings.vacf_window
-        _, vtraj = sim.run(params, state, n_v, record_every=1, record_velocities=True)
+        state, vtraj = sim.run(params, state, n_v, record_every=1, record_velocities=True)
         v = np.asarray(vtraj.velocity)
-        ok = np.all(np.isfinite(v), axis=(1, 2, 3))
+        ok = np.all(np.isfinite(v), axis=(1, 2, 3)) & ~np.any(vtraj.unstable, axis=1)
         if ok.any():
             per = np.asarray(
                 observables.velocity_autocorrelation(
@@ -245,91 +365,179 @@ def evaluate_model(
                 )
             )
             vacf = per.mean(axis=0)
+        state = sim.init(key, params, jnp.asarray(initial_positions), kT)
 
-    obs_fn = jax.jit(lambda x: structural_observables(x, species, box, **dict(observable_settings)))
-    check = jax.jit(lambda x: _unstable(criterion, x))
+    species_np = np.asarray(species)
+
+    def frame_observables(x, b):
+        return structural_observables(x, species_np, b, **dict(observable_settings))
+
+    if periodic:
+        # One box per frame (NPT changes it): RDF densities and minimum images follow it.
+        obs_fn = jax.jit(jax.vmap(frame_observables))
+    else:
+        obs_fn = jax.jit(jax.vmap(lambda x, b: frame_observables(x, None)))
+    checks = [jax.jit(c.criterion.is_unstable) for c in criteria]
 
     seg_steps = settings.segment_frames * settings.record_every
     n_steps = settings.n_steps
-    unstable = np.zeros(R, bool)
-    first_time = np.full(R, np.inf)
+    first = {c.name: np.full(R, np.inf) for c in criteria}  # per criterion
+    non_finite = np.full(R, np.inf)  # first frame the simulator had flagged
+    judged = {c.name: 0 for c in criteria}  # frames each criterion has judged
+    # Frames not yet judged by every criterion: positions/boxes/times, [R, f, ...].
+    pending = {"pos": None, "box": None, "times": None}
     sums, n_frames = None, 0
-    window = max(1, settings.window_frames)
-    carry = None  # frames left over for windows that span segments
-    oxygen_traj = []
+    oxygen_idx = np.flatnonzero(species_np == 8) if periodic else np.zeros(0, int)
+    oxygen_traj, oxygen_times = [], []
     done = 0
+    total_frames = 0
+
+    def combined():
+        t = non_finite.copy()
+        for v in first.values():
+            t = np.minimum(t, v)
+        return t
+
+    def release(n_release):
+        """Accumulate observables of the first n_release pending frames (now judged)."""
+        nonlocal sums, n_frames
+        if n_release <= 0:
+            return
+        pos = pending["pos"][:, :n_release]
+        times = pending["times"][:n_release]
+        fbox = None if pending["box"] is None else pending["box"][:, :n_release]
+        stable_frame = times[None, :] < combined()[:, None]
+        if stable_frame.any():
+            sel = jnp.asarray(pos[stable_frame])
+            bsel = (
+                jnp.asarray(fbox[stable_frame])
+                if fbox is not None
+                else jnp.zeros((sel.shape[0], 3), sel.dtype)
+            )
+            vals = {k: np.asarray(v) for k, v in obs_fn(sel, bsel).items()}
+            s_ = {k: v.sum(axis=0) for k, v in vals.items()}
+            sums = s_ if sums is None else {k: sums[k] + s_[k] for k in s_}
+            n_frames += int(stable_frame.sum())
+        for k in pending:
+            if pending[k] is not None:
+                pending[k] = pending[k][:, n_release:] if k != "times" else pending[k][n_release:]
+
     while done < n_steps:
         steps = min(seg_steps, n_steps - done)
         steps -= steps % settings.record_every
         state, traj = sim.run(params, state, steps, record_every=settings.record_every)
         pos = np.asarray(traj.position)  # [R, F, n, 3]
-        times = (done + settings.record_every * np.arange(1, pos.shape[1] + 1)) * dt_ps
-        if window == 1:
-            flags = np.asarray(check(jnp.asarray(pos)))  # [R, F]
-            frame_flags = flags
-        else:
-            buf = pos if carry is None else np.concatenate([carry, pos], axis=1)
-            n_win = buf.shape[1] // window
-            frame_flags = np.zeros(pos.shape[:2], bool)
-            if n_win:
-                win = buf[:, : n_win * window].reshape(R, n_win, window, *buf.shape[2:])
-                wflags = np.asarray(check(jnp.asarray(win)))  # [R, n_win]
-                per_frame = np.repeat(wflags, window, axis=1)  # frames of buf
-                offset = 0 if carry is None else carry.shape[1]
-                covered = per_frame[:, offset:]
-                frame_flags[:, : covered.shape[1]] = covered
-            carry = buf[:, n_win * window :]
-        frame_flags = frame_flags | ~np.all(np.isfinite(pos), axis=(2, 3))
-        t_first = np.asarray(first_unstable_time(jnp.asarray(frame_flags), jnp.asarray(times)))
-        newly = ~unstable & np.isfinite(t_first)
-        first_time[newly] = t_first[newly]
-        # Frames that count as stable: before the replica's first unstable frame.
-        stable_frame = times[None, :] < first_time[:, None]
-        if stable_frame.any():
-            sel = pos[stable_frame]
-            vals = {k: np.asarray(v) for k, v in obs_fn(jnp.asarray(sel)).items()}
-            s = {k: v.sum(axis=0) for k, v in vals.items()}
-            sums = s if sums is None else {k: sums[k] + s[k] for k in s}
-            n_frames += int(stable_frame.sum())
-        if box is not None:
-            ox = np.asarray(species) == 8
-            if ox.any():
-                oxygen_traj.append(np.where(stable_frame[..., None, None], pos[:, :, ox], np.nan))
-        unstable |= newly
-        if unstable.any():
-            state = sim.freeze(state, jnp.asarray(unstable))
+        fbox = None if traj.box is None else np.asarray(traj.box)  # [R, F, 3]
+        F = pos.shape[1]
+        times = (done + settings.record_every * np.arange(1, F + 1)) * dt_ps
+        # Simulator-level failure: flagged frames, and frames that are not finite.
+        flagged = np.asarray(traj.unstable, bool) | ~np.all(np.isfinite(pos), axis=(2, 3))
+        t_nf = _first_time(flagged, times)
+        non_finite = np.minimum(non_finite, t_nf)
+        if oxygen_idx.size:
+            oxygen_traj.append(pos[:, :, oxygen_idx])
+            oxygen_times.append(times)
+        # Pending frames (for observables) and every criterion's judgement.
+        pending["pos"] = pos if pending["pos"] is None else np.concatenate([pending["pos"], pos], 1)
+        if fbox is not None:
+            pending["box"] = (
+                fbox if pending["box"] is None else np.concatenate([pending["box"], fbox], 1)
+            )
+        pending["times"] = (
+            times if pending["times"] is None else np.concatenate([pending["times"], times])
+        )
+        base = total_frames + F - pending["pos"].shape[1]  # global index of pending[0]
+        for c, check in zip(criteria, checks, strict=True):
+            w = c.window_frames
+            start = judged[c.name] - base  # first pending frame this criterion has not judged
+            avail = pending["pos"].shape[1] - start
+            n_win = avail // w
+            if n_win == 0:
+                continue
+            x = pending["pos"][:, start : start + n_win * w]
+            b = None if fbox is None else pending["box"][:, start : start + n_win * w]
+            tt = pending["times"][start : start + n_win * w]
+            if w > 1:
+                x = x.reshape(R, n_win, w, *x.shape[2:])
+                b = None if b is None else b.reshape(R, n_win, w, 3)
+            flags = np.asarray(
+                check(jnp.asarray(x), None if b is None else jnp.asarray(b))
+            )  # [R, n_win]
+            t_c = _first_time(flags, tt[::w])
+            first[c.name] = np.minimum(first[c.name], t_c)
+            judged[c.name] += n_win * w
+        total_frames += F
+        release(min(judged.values()) - base)
+        # A replica runs on until every criterion has marked it (or it went non-finite).
+        finished = np.isfinite(non_finite)
+        every = np.ones(R, bool)
+        for v in first.values():
+            every &= np.isfinite(v)
+        finished |= every
+        if finished.any():
+            state = sim.freeze(state, jnp.asarray(finished))
         done += steps
         if progress:
+            t_comb = combined()
             print(
-                f"[eval {label}] {done * dt_ps:8.2f}/{n_steps * dt_ps:.2f} ps | "
-                f"unstable {unstable.sum()}/{R}",
+                f"[eval {label}] {done * dt_ps:8.2f}/{n_steps * dt_ps:.2f} ps | unstable "
+                f"{int(np.isfinite(t_comb).sum())}/{R} ("
+                + ", ".join(f"{k} {int(np.isfinite(v).sum())}" for k, v in first.items())
+                + f", non-finite {int(np.isfinite(non_finite).sum())})",
                 flush=True,
             )
-        if unstable.all():
+        if finished.all():
             break
+    # Frames of a trailing partial window: judged by the per-frame criteria only.
+    if pending["pos"] is not None:
+        release(pending["pos"].shape[1])
     max_time = n_steps * dt_ps
-    stable_time = np.where(np.isfinite(first_time), first_time, max_time)
+    t_comb = combined()
+    ever = np.isfinite(t_comb)
+    cause, which = [], []
+    for r in range(R):
+        if not ever[r]:
+            cause.append(None)
+            which.append(None)
+        elif non_finite[r] <= t_comb[r]:
+            cause.append("non_finite")
+            which.append(None)
+        else:
+            cause.append("criterion")
+            which.append(next(k for k, v in first.items() if v[r] == t_comb[r]))
+    by_criterion = {}
+    for k, v in first.items():
+        t = np.minimum(v, non_finite)
+        by_criterion[k] = (np.where(np.isfinite(t), t, max_time), np.isfinite(t))
     obs = {}
     if sums is not None:
         obs = {k: v / n_frames for k, v in sums.items()}
     diffusivity = None
     if oxygen_traj:
-        diffusivity = _diffusivity(np.concatenate(oxygen_traj, axis=1), settings.frame_dt_ps)
+        ox = np.concatenate(oxygen_traj, axis=1)  # [R, F, n_O, 3]
+        ot = np.concatenate(oxygen_times)
+        ox = np.where((ot[None, :] < t_comb[:, None])[..., None, None], ox, np.nan)
+        diffusivity = _diffusivity(ox, settings.frame_dt_ps)
     return EvalResult(
-        stable_time_ps=stable_time,
-        ever_unstable=np.isfinite(first_time),
+        stable_time_ps=np.where(ever, t_comb, max_time),
+        ever_unstable=ever,
         max_time_ps=max_time,
-        resolution_ps=settings.frame_dt_ps * window,
+        resolution_ps=settings.frame_dt_ps * max(c.window_frames for c in criteria),
         observables=obs,
         n_stable_frames=n_frames,
         vacf=vacf,
         diffusivity_A2_per_ps=diffusivity,
+        unstable_cause=cause,
+        unstable_criterion=which,
+        by_criterion=by_criterion,
     )
 
 
-def _unstable(criterion: StabilityCriterion, x):
-    values = criterion.metric(x)
-    return criterion.flags(values) | ~jnp.isfinite(values)
+def _first_time(flags: np.ndarray, times: np.ndarray) -> np.ndarray:
+    """[R] time of each row's first True flag, +inf if none (NumPy float64, exact times)."""
+    flags = np.asarray(flags, bool)
+    idx = np.argmax(flags, axis=-1)
+    return np.where(flags.any(axis=-1), np.asarray(times, np.float64)[idx], np.inf)
 
 
 def _diffusivity(oxygens: np.ndarray, frame_dt_ps: float) -> float | None:
@@ -405,11 +613,19 @@ def write_report(
     # Survival curves.
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for name, res in results.items():
-        t = np.linspace(0, res.max_time_ps, 200)
-        ax.step(t, np.asarray(survival_curve(jnp.asarray(res.stable_time_ps), jnp.asarray(t))),
-                where="post", label=name)  # fmt: skip
+        t = np.linspace(0, res.max_time_ps, 400)
+        surv, lo, hi = survival_estimate(res.stable_time_ps, res.ever_unstable, t)
+        (line,) = ax.step(t, surv, where="post", label=f"{name} ({res.ever_unstable.sum()}"
+                          f"/{res.ever_unstable.size} unstable)")  # fmt: skip
+        ax.fill_between(t, lo, hi, step="post", color=line.get_color(), alpha=0.15, lw=0)
+        n_cens = int((~res.ever_unstable).sum())
+        if n_cens:  # censored replicas: still stable at the end of the run
+            ax.plot([res.max_time_ps], [surv[-1]], "|", ms=14, mew=2, color=line.get_color())
+            ax.annotate(f"{n_cens} censored", (res.max_time_ps, surv[-1]),
+                        textcoords="offset points", xytext=(-4, 6), ha="right",
+                        fontsize=8, color=line.get_color())  # fmt: skip
     ax.set_xlabel("time (ps)")
-    ax.set_ylabel("fraction of stable replicas")
+    ax.set_ylabel("fraction of stable replicas (Kaplan-Meier)")
     ax.set_ylim(-0.02, 1.02)
     ax.legend()
     fig.tight_layout()
@@ -466,10 +682,43 @@ def write_report(
         lines.append(f"| {k} | " + " | ".join(_fmt(final[n].get(k)) for n in names) + " |")
     lines.append("")
     res0 = next(iter(results.values()))
+    crit_names = list(res0.by_criterion)
+    if crit_names:
+        lines += [
+            "Stable time by criterion (median [CI] ps; unstable replicas; each criterion "
+            "alone, non-finite steps included). The table above uses the combined "
+            "criterion: the first crossing of any of them.",
+            "",
+            "| criterion | " + " | ".join(names) + " |",
+            "|---|" + "---|" * len(names),
+        ]
+        for c in crit_names:
+            cells = []
+            for n in names:
+                bc = final[n]["by_criterion"].get(c)
+                if bc is None:
+                    cells.append("–")
+                    continue
+                lo_, hi_ = bc["median_stable_time_ci_ps"]
+                cells.append(
+                    f"{bc['median_stable_time_ps']:.3g} [{lo_:.3g}, {hi_:.3g}]; "
+                    f"{bc['n_unstable']}/{final[n]['n_replicas']}"
+                )
+            lines.append(f"| {c} | " + " | ".join(cells) + " |")
+        cells = []
+        for n in names:
+            causes = final[n]["unstable_cause"]
+            cells.append(
+                f"{final[n]['median_stable_time_ps']:.3g}; {final[n]['n_unstable']}/"
+                f"{final[n]['n_replicas']} ({sum(c == 'non_finite' for c in causes)} non-finite)"
+            )
+        lines += ["| combined | " + " | ".join(cells) + " |", ""]
     lines.append(
-        f"Stable time = first recorded frame that crosses the evaluation criterion; time "
-        f"resolution {res0.resolution_ps:g} ps; replicas never unstable count as "
-        f"{res0.max_time_ps:g} ps (censored)."
+        f"Stable time = first recorded frame that crosses an evaluation criterion, or at "
+        f"which the simulator had flagged a non-finite step; time resolution "
+        f"{res0.resolution_ps:g} ps; replicas never unstable count as "
+        f"{res0.max_time_ps:g} ps in medians and means and as censored (not failed) in the "
+        f"survival curve."
     )
     if "paired_test" in final:
         pt = final["paired_test"]

@@ -10,9 +10,14 @@ Three criteria decide when a replica has become unstable:
   deviates from the reference by more than 3.0 (see `rdf_mae` for the definition),
   for any of the O-O, H-H, H-O RDFs.
 
+A fourth, the closest non-bonded distance, is our evaluation guard for molecules in
+free space (a replica that folds into itself is unstable even when no bond breaks).
+
 Metric functions take one frame `[n, 3]` (RDF: one window `[t, n, 3]`) and also any
 leading batch axes (`[replicas, frames, ...]`), returning one value per frame (window).
-The `StabilityCriterion` bundles a metric with its threshold and direction.
+The `StabilityCriterion` bundles a metric with its threshold and direction; its
+metric also takes per-frame boxes (`box [..., 3]` with the positions' leading axes,
+e.g. NPT trajectories), so minimum images and RDF densities follow each frame's box.
 """
 
 from __future__ import annotations
@@ -34,6 +39,11 @@ BOND_DEVIATION_EVAL_THRESHOLD = 0.5
 MIN_INTERMOLECULAR_DISTANCE_THRESHOLD = 1.2
 #: RDF MAE (Å, see `rdf_mae`) above which a water simulation is unstable (evaluation).
 RDF_MAE_THRESHOLD = 3.0
+#: Closest non-bonded distance (Å) below which a molecule has folded into itself
+#: (evaluation guard of molecules; ours, not the paper's). Non-bonded (1-3 and beyond)
+#: pairs of organic molecules sit at >= 1.5 Å (H-C-H 1-3 distances ~1.8 Å); 0.8 Å is
+#: closer than any covalent bond but H-H (0.74 Å), i.e. an unphysical contact.
+NONBONDED_CONTACT_THRESHOLD = 0.8
 #: Water RDFs checked by the RDF criterion: O-O, H-H, H-O.
 WATER_RDF_PAIRS = ((8, 8), (1, 1), (1, 8))
 
@@ -171,7 +181,7 @@ def max_rdf_mae(
     Args:
       positions: [..., t, n, 3] Å, frames of one or more windows.
       species: [n] atomic numbers (concrete).
-      box: [3] Å orthorhombic box.
+      box: [3] Å orthorhombic box, or one box per frame [..., t, 3] Å (NPT).
       reference_rdfs: {(a, b): [n_bins] reference g_ab(r)}, e.g. for `WATER_RDF_PAIRS`.
       r_max, dr, sigma: RDF settings, Å (see `radial_distribution_function`).
       window: frames per window (see `rdf_mae`), or None for one window.
@@ -181,17 +191,23 @@ def max_rdf_mae(
     """
     if not reference_rdfs:
         raise ValueError("reference_rdfs is empty")
-    maes = [
-        rdf_mae(
-            observables.radial_distribution_function(
+
+    def rdf(pair):
+        if np.ndim(box) <= 1:
+            return observables.radial_distribution_function(
                 positions, species, box, pair=pair, r_max=r_max, dr=dr, sigma=sigma
+            )
+        # One box per frame (NPT): each frame's RDF with its own volume.
+        return _per_frame_box(
+            lambda x, b: observables.radial_distribution_function(
+                x, species, b, pair=pair, r_max=r_max, dr=dr, sigma=sigma
             ),
-            ref,
-            dr=dr,
-            window=window,
+            positions,
+            box,
+            2,
         )
-        for pair, ref in reference_rdfs.items()
-    ]
+
+    maes = [rdf_mae(rdf(pair), ref, dr=dr, window=window) for pair, ref in reference_rdfs.items()]
     return jnp.max(jnp.stack(maes), axis=0)
 
 
@@ -202,26 +218,53 @@ class StabilityCriterion(NamedTuple):
     """A stability metric with its threshold.
 
     Attributes:
-      name: short label ('bond_length_deviation', 'min_intermolecular_distance', 'rdf_mae').
-      metric: positions [..., n, 3] (RDF: [..., t, n, 3]) -> [...] metric value.
+      name: short label ('bond_length_deviation', 'min_intermolecular_distance',
+        'rdf_mae', 'min_nonbonded_distance').
+      metric: `(positions [..., n, 3] (RDF: [..., t, n, 3]), box=None) -> [...]`. With
+        box None the criterion's own box is used; otherwise `box` holds one [3] Å box
+        per frame, with the positions' leading axes (`[..., 3]`; RDF: `[..., t, 3]`).
       threshold: the value at which the metric marks instability (Å).
       unstable_below: True if values below the threshold are unstable (distances),
         False if values above it are (deviations, errors).
     """
 
     name: str
-    metric: Callable[[jax.Array], jax.Array]
+    metric: Callable[..., jax.Array]
     threshold: float
     unstable_below: bool = False
 
-    def is_unstable(self, positions: jax.Array) -> jax.Array:
-        """[...] bool: whether each frame (window) crosses the threshold."""
-        return self.flags(self.metric(positions))
+    def is_unstable(self, positions: jax.Array, box=None) -> jax.Array:
+        """[...] bool: whether each frame (window) crosses the threshold (or is not finite)."""
+        values = self.metric(positions, box)
+        return self.flags(values) | ~jnp.isfinite(values)
 
     def flags(self, values: jax.Array) -> jax.Array:
         """[...] bool from precomputed metric values."""
         values = jnp.asarray(values)
         return values < self.threshold if self.unstable_below else values > self.threshold
+
+
+def _per_frame_box(fn, positions, box, core_ndim: int = 2):
+    """fn(x [n, 3], box [3]) over the leading axes of positions, one box per frame."""
+    positions = jnp.asarray(positions)
+    lead = positions.shape[:-core_ndim]
+    box = jnp.broadcast_to(jnp.asarray(box, dtype=positions.dtype), lead + (3,))
+    x = positions.reshape((-1,) + positions.shape[-core_ndim:])
+    out = jax.vmap(fn)(x, box.reshape(-1, 3))
+    return out.reshape(lead + out.shape[1:])
+
+
+def _pair_distance_metric(pairs, box, reduce):
+    """metric(positions, box=None) = reduce(|x_j - x_i|) over `pairs` (minimum image)."""
+
+    def metric(positions, frame_box=None):
+        if frame_box is None:
+            return reduce(observables.bond_lengths(positions, pairs, box))
+        return _per_frame_box(
+            lambda x, b: reduce(observables.bond_lengths(x, pairs, b)), positions, frame_box, 2
+        )
+
+    return metric
 
 
 def bond_length_criterion(
@@ -230,9 +273,13 @@ def bond_length_criterion(
     """Max bond-length deviation criterion (0.25 Å training default; 0.5 Å for evaluation)."""
     bonds = np.asarray(bonds)
     eq = np.asarray(equilibrium_lengths)
+    if eq.shape != (len(bonds),):
+        raise ValueError(f"equilibrium_lengths must have shape [{len(bonds)}], got {eq.shape}")
     return StabilityCriterion(
         name="bond_length_deviation",
-        metric=lambda positions: max_bond_deviation(positions, bonds, eq, box),
+        metric=_pair_distance_metric(
+            bonds, box, lambda lengths: jnp.max(jnp.abs(lengths - eq.astype(lengths.dtype)), -1)
+        ),
         threshold=float(threshold),
     )
 
@@ -246,13 +293,34 @@ def intermolecular_distance_criterion(
 ) -> StabilityCriterion:
     """Minimum intermolecular distance criterion (unstable below 1.2 Å by default)."""
     pairs = intermolecular_pairs(molecule_index, exclude_pairs)
-
-    def metric(positions):
-        return jnp.min(observables.bond_lengths(positions, pairs, box), axis=-1)
-
     return StabilityCriterion(
         name="min_intermolecular_distance",
-        metric=metric,
+        metric=_pair_distance_metric(pairs, box, lambda d: jnp.min(d, axis=-1)),
+        threshold=float(threshold),
+        unstable_below=True,
+    )
+
+
+def nonbonded_contact_criterion(
+    n_atoms: int, bonds, *, threshold: float = NONBONDED_CONTACT_THRESHOLD, box=None
+) -> StabilityCriterion:
+    """Closest non-bonded pair (every pair not in `bonds`) nearer than `threshold` Å.
+
+    The evaluation guard for molecules: with the bond-length criterion alone, a
+    molecule whose atoms run into each other without stretching a bond counts as
+    stable. Directly bonded (1-2) pairs are excluded; 1-3 pairs are kept (>= 1.5 Å
+    in organic molecules, far above the 0.8 Å default).
+
+    Args:
+      n_atoms: number of atoms n.
+      bonds: [b, 2] int bonded pairs (`stablejax.data.topology.find_bonds`).
+      threshold: Å; unstable below it.
+      box: [3] Å orthorhombic box, or None.
+    """
+    pairs = intermolecular_pairs(np.arange(int(n_atoms)), exclude_pairs=bonds)
+    return StabilityCriterion(
+        name="min_nonbonded_distance",
+        metric=_pair_distance_metric(pairs, box, lambda d: jnp.min(d, axis=-1)),
         threshold=float(threshold),
         unstable_below=True,
     )
@@ -268,16 +336,26 @@ def rdf_mae_criterion(
     dr: float = 0.01,
     sigma: float = 0.0,
 ) -> StabilityCriterion:
-    """RDF MAE criterion over a window of frames [..., t, n, 3] (unstable above 3.0)."""
+    """RDF MAE criterion over a window of frames [..., t, n, 3] (unstable above 3.0).
+
+    With per-frame boxes [..., t, 3] (NPT) each frame's RDF is normalised by its own
+    volume before the window average.
+    """
     species = np.asarray(species)
     refs = dict(reference_rdfs)
-    return StabilityCriterion(
-        name="rdf_mae",
-        metric=lambda positions: max_rdf_mae(
-            positions, species, box, refs, r_max=r_max, dr=dr, sigma=sigma
-        ),
-        threshold=float(threshold),
-    )
+
+    def metric(positions, frame_box=None):
+        return max_rdf_mae(
+            positions,
+            species,
+            box if frame_box is None else frame_box,
+            refs,
+            r_max=r_max,
+            dr=dr,
+            sigma=sigma,
+        )
+
+    return StabilityCriterion(name="rdf_mae", metric=metric, threshold=float(threshold))
 
 
 # ------------------------------------------------------------ first passage, survival

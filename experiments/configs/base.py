@@ -80,6 +80,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.stability.eval_criterion = "bond_length_deviation"  # | 'rdf_mae'
     c.stability.eval_threshold = 0.5  # Å, or RDF MAE units for 'rdf_mae'
     c.stability.rdf_window_ps = 1.0  # averaging window of the RDF-MAE criterion (ps)
+    # Evaluation guard, judged beside eval_criterion: a replica is unstable at the first
+    # crossing of either (the combined criterion of final_metrics.json), and each is also
+    # reported alone (`by_criterion`). Molecules: the closest non-bonded pair (a molecule
+    # folding into itself); water: the minimum intermolecular distance. '' = none.
+    c.stability.eval_guard = "min_nonbonded_distance"
+    c.stability.eval_guard_threshold = 0.8  # Å
 
     # --- training observable ----------------------------------------------------------
     c.observable = ml_collections.ConfigDict()

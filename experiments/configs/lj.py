@@ -44,6 +44,7 @@ def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
     c.stability.threshold = 2.7  # Å (0.8 sigma)
     c.stability.eval_criterion = "min_intermolecular_distance"
     c.stability.eval_threshold = 2.7
+    c.stability.eval_guard = ""  # the evaluation criterion is already the contact one
     c.observable.name = "rdf"
     c.observable.r_max = 6.0  # Å (<= half the box)
     c.observable.dr = 0.05

@@ -104,6 +104,9 @@ class Trajectory:
       step: [R, F] per-replica step counter at each frame.
       box: [R, F, 3] Å, or None in free space.
       pressure_bar: [R, F] bar (Berendsen NPT only), else None.
+      unstable: [R, F] bool, the replica's ``MDState.unstable`` flag at each frame:
+        a step went non-finite at or before this frame, so the frame repeats the
+        last finite state and must not be used as a sample of the dynamics.
     """
 
     position: np.ndarray
@@ -114,6 +117,7 @@ class Trajectory:
     step: np.ndarray
     box: np.ndarray | None = None
     pressure_bar: np.ndarray | None = None
+    unstable: np.ndarray | None = None
 
 
 def _select(mask, new, old):
@@ -488,6 +492,7 @@ class Simulator:
                     "potential_energy": s.potential_energy,
                     "kinetic_energy": ke,
                     "step": s.step,
+                    "unstable": s.unstable,
                 }
                 if record_velocities:
                     frame["velocity"] = s.momentum / mass[None]
@@ -620,6 +625,7 @@ class Simulator:
             step=cat("step"),
             box=cat("box"),
             pressure_bar=None if pressure is None else pressure / units.bar,
+            unstable=cat("unstable"),
         )
 
     # ------------------------------------------------------- per-replica control

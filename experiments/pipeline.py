@@ -12,6 +12,9 @@ Layout of a workdir:
   stable/                StABlE checkpoints, metrics.jsonl, training_progress.png
   models/{baseline,stable}/   saved models (params + config; `stablejax.potentials.io`)
   eval/                  final_metrics.json, report.md, survival.png, observables, VACF
+
+With `--seeds=0,1,2` (`run_seeds`) each seed gets such a workdir, `workdir/seed_<k>/`, and
+`workdir/summary.json` + `summary.md` summarise them.
 """
 
 from __future__ import annotations

@@ -1,12 +1,14 @@
 """Evaluation of trained models by long MD: stable times, observables, QM errors, plots.
 
-`evaluate_model` runs all replicas of one model from given initial states with the
-evaluation criterion and returns per-replica stable times (first passage, at the
-resolution of the recorded frames), the observables averaged over the stable parts
-only (h(r) for molecules; O-O, O-H, H-H RDFs for periodic water), the VACF of the
-first `vacf_window` steps, and the diffusivity (water oxygens) of the stable prefix.
-`compare` writes `final_metrics.json`, figures and `report.md` for a baseline and a
-StABlE-trained model evaluated on the same initial states.
+`evaluate_model` runs all replicas of one model from given initial states, judged by
+every evaluation criterion at once and by the simulator's non-finite flag, and returns
+per-replica stable times (first passage, at the resolution of the recorded frames) per
+criterion and combined, the cause of each instability, the observables averaged over
+stable frames only (h(r) for molecules; O-O, O-H, H-H RDFs for periodic water, each
+frame with its own box), the VACF of the first `vacf_window` steps, and the diffusivity
+(water oxygens) of the stable prefix. `write_report` writes `final_metrics.json`,
+figures (Kaplan-Meier survival with censoring) and `report.md` for models evaluated on
+the same initial states.
 """
 
 from __future__ import annotations
@@ -37,13 +39,11 @@ class EvalSettings:
       dt_fs: time step.
       temperature_K: thermostat temperature.
       record_every: steps between recorded frames (the stable-time resolution is
-        record_every * dt_fs; the RDF-MAE criterion is evaluated on windows of
-        `window_frames` recorded frames).
+        record_every * dt_fs; windowed criteria, see `EvalCriterion`, judge windows
+        of recorded frames).
       vacf_window: VACF window in steps (velocities recorded every step for
         2 x vacf_window steps at the start of the run).
       segment_frames: frames per simulated segment (bounds host memory).
-      window_frames: frames per window of a windowed criterion (RDF MAE); 1 for
-        per-frame criteria.
     """
 
     time_ps: float
@@ -52,7 +52,6 @@ class EvalSettings:
     record_every: int
     vacf_window: int = 100
     segment_frames: int = 50
-    window_frames: int = 1
 
     @property
     def n_steps(self) -> int:
@@ -325,7 +324,7 @@ def evaluate_model(
       sim: `stablejax.md.Simulator` with the evaluation integrator.
       params: model parameters.
       initial_positions: [R, n, 3] Å held-out starting structures.
-      settings: `EvalSettings` (its `window_frames` is ignored: see `EvalCriterion`).
+      settings: `EvalSettings`.
       criteria: `EvalCriterion`s (bare `StabilityCriterion`s are per-frame).
       species: [n] atomic numbers.
       box: [3] Å or None.

@@ -733,6 +733,9 @@ def summarize_seeds(per_seed: dict, *, wall_time_s: dict | None = None) -> dict:
         runs = [per_seed[s][name] for s in seeds]
         medians = [r["median_stable_time_ps"] for r in runs]
         mean, lo, hi = _mean_interval(medians)
+        # Stable times live in [0, run length]: the t interval is clipped to that range.
+        t_max = runs[0].get("max_time_ps") or np.inf
+        lo, hi = max(lo, 0.0), min(hi, t_max)
         pooled = np.concatenate([r["stable_times_ps"] for r in runs])
         plo, phi, plevel = median_confidence_interval(pooled)
         m = {
@@ -740,7 +743,8 @@ def summarize_seeds(per_seed: dict, *, wall_time_s: dict | None = None) -> dict:
                 "per_seed": medians,
                 "mean": mean,
                 "interval_95": [lo, hi],
-                "interval": "Student-t 95 % interval of the mean of per-seed medians",
+                "interval": "Student-t 95 % interval of the mean of per-seed medians, "
+                "clipped to [0, max_time_ps]",
             },
             "pooled": {
                 "median_stable_time_ps": float(np.median(pooled)),

@@ -625,8 +625,8 @@ def write_report(
                         fontsize=8, color=line.get_color())  # fmt: skip
     ax.set_xlabel("time (ps)")
     ax.set_ylabel("fraction of stable replicas (Kaplan-Meier)")
-    ax.set_ylim(-0.02, 1.02)
-    ax.legend()
+    ax.set_ylim(-0.02, 1.1)
+    ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "survival.png"), dpi=120)
     plt.close(fig)

@@ -119,6 +119,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         f"unknown {config.stability.eval_guard!r}; choose one of {CRITERIA} or ''",
     )
     need(
+        config.stability.eval_guard_threshold > 0,
+        "stability.eval_guard_threshold",
+        "must be > 0 (Å)",
+    )
+    need(
+        not (config.system == "lj" and config.stability.eval_guard == "min_nonbonded_distance"),
+        "stability.eval_guard",
+        "'min_nonbonded_distance' needs bonded molecules; the Lennard-Jones fluid has none",
+    )
+    need(config.data.seed >= 0, "data.seed", "must be >= 0")
+    need(
         config.observable.name in ("distance_histogram", "oh_bond_length", "rdf"),
         "observable.name",
         f"unknown {config.observable.name!r}",

@@ -129,6 +129,10 @@ def test_resume_equals_uninterrupted(tmp_path):
         ("--config.no_such_field=1", "no_such_field"),
         ("--config.data.path=/no/such/file.npz", "data.path"),
         ("--config.md.integrator=verlet", "md.integrator"),
+        ("--config.stability.eval_guard=nonsense", "stability.eval_guard"),
+        ("--config.stability.eval_guard_threshold=-1", "stability.eval_guard_threshold"),
+        ("--config.data.seed=-2", "data.seed"),
+        ("--seeds=a,b", "--seeds"),
     ],
 )
 def test_bad_config_fails_before_work(tmp_path, override, field):

@@ -267,6 +267,16 @@ def _pair_distance_metric(pairs, box, reduce):
     return metric
 
 
+def _closest_pair_criterion(name, pairs, threshold, box) -> StabilityCriterion:
+    """Unstable when the closest of `pairs` is nearer than `threshold` Å."""
+    return StabilityCriterion(
+        name=name,
+        metric=_pair_distance_metric(pairs, box, lambda d: jnp.min(d, axis=-1)),
+        threshold=float(threshold),
+        unstable_below=True,
+    )
+
+
 def bond_length_criterion(
     bonds, equilibrium_lengths, *, threshold: float = BOND_DEVIATION_TRAIN_THRESHOLD, box=None
 ) -> StabilityCriterion:
@@ -293,12 +303,7 @@ def intermolecular_distance_criterion(
 ) -> StabilityCriterion:
     """Minimum intermolecular distance criterion (unstable below 1.2 Å by default)."""
     pairs = intermolecular_pairs(molecule_index, exclude_pairs)
-    return StabilityCriterion(
-        name="min_intermolecular_distance",
-        metric=_pair_distance_metric(pairs, box, lambda d: jnp.min(d, axis=-1)),
-        threshold=float(threshold),
-        unstable_below=True,
-    )
+    return _closest_pair_criterion("min_intermolecular_distance", pairs, threshold, box)
 
 
 def nonbonded_contact_criterion(
@@ -318,12 +323,7 @@ def nonbonded_contact_criterion(
       box: [3] Å orthorhombic box, or None.
     """
     pairs = intermolecular_pairs(np.arange(int(n_atoms)), exclude_pairs=bonds)
-    return StabilityCriterion(
-        name="min_nonbonded_distance",
-        metric=_pair_distance_metric(pairs, box, lambda d: jnp.min(d, axis=-1)),
-        threshold=float(threshold),
-        unstable_below=True,
-    )
+    return _closest_pair_criterion("min_nonbonded_distance", pairs, threshold, box)
 
 
 def rdf_mae_criterion(

@@ -306,8 +306,7 @@ class StableTrainer:
 
     def _unstable_frames(self, positions):
         """[R, F] bool: frames that cross the criterion (or are not finite)."""
-        values = self.criterion.metric(positions)
-        return self.criterion.flags(values) | ~jnp.isfinite(values)
+        return self.criterion.is_unstable(positions)
 
     def _sample_energy_fn(self):
         species = jnp.asarray(self.species)

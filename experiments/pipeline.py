@@ -31,7 +31,7 @@ import numpy as np
 from stablejax import observables, stability, units
 from stablejax.data import load, sample_initial_conditions, split_dataset
 from stablejax.data import topology as topo
-from stablejax.estimator import reweight_observable
+from stablejax.estimator import neighbourhood_membership, reweight_observable
 from stablejax.evaluation import (
     EvalCriterion,
     EvalSettings,
@@ -61,6 +61,9 @@ def log(msg: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # Config checks (fail before any work)
 # ---------------------------------------------------------------------------------------------
+
+
+OBSERVABLES = ("distance_histogram", "rdf", "oh_bond_length", "oh_bond_lengths")
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -130,9 +133,35 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     )
     need(config.data.seed >= 0, "data.seed", "must be >= 0")
     need(
-        config.observable.name in ("distance_histogram", "oh_bond_length", "rdf"),
+        config.observable.name in OBSERVABLES,
         "observable.name",
-        f"unknown {config.observable.name!r}",
+        f"unknown {config.observable.name!r}; choose one of {OBSERVABLES}",
+    )
+    st = config.stable
+    need(
+        st.local_sampling in ("all", "stratified"),
+        "stable.local_sampling",
+        f"unknown {st.local_sampling!r}; choose 'all' or 'stratified'",
+    )
+    need(st.local_bins >= 1, "stable.local_bins", "must be >= 1")
+    need(st.local_per_bin >= 1, "stable.local_per_bin", "must be >= 1")
+    need(st.local_k_nearest >= 0, "stable.local_k_nearest", "must be >= 0")
+    need(st.qm_batch_size >= 0, "stable.qm_batch_size", "must be >= 0 (0 = every training frame)")
+    need(st.qm_chunk_size >= 1, "stable.qm_chunk_size", "must be >= 1")
+    need(st.qm_weight >= 0, "stable.qm_weight", "must be >= 0")
+    need(st.observable_weight > 0, "stable.observable_weight", "must be > 0")
+    need(0 < st.plateau_factor < 1, "stable.plateau_factor", "must be in (0, 1)")
+    need(st.plateau_patience >= 0, "stable.plateau_patience", "must be >= 0")
+    need(st.max_lr_reductions >= 1, "stable.max_lr_reductions", "must be >= 1")
+    need(st.max_learning_cycles >= 0, "stable.max_learning_cycles", "must be >= 0 (0 = no limit)")
+    need(st.history_depth >= 1, "stable.history_depth", "must be >= 1")
+    need(0 <= st.reset_fraction <= 1, "stable.reset_fraction", "must be in [0, 1]")
+    need(
+        config.observable.name not in ("oh_bond_length", "oh_bond_lengths")
+        or config.data.generator in ("water", "")
+        or bool(config.data.path),
+        "observable.name",
+        "the O-H bond-length observables need water",
     )
     need(
         config.eval.integrator in ("nve", "langevin", "nose_hoover", "berendsen_npt"),
@@ -299,7 +328,42 @@ def evaluation_criteria(config, dataset, bonds, eq, mol, *, frame_ps, ref_rdfs=N
     return out
 
 
+def _oh_bonds_by_molecule(species, bonds, mol) -> np.ndarray:
+    """[n_molecules, 2] indices into the O-H bond list: each water's first and second O-H
+    bond, in the order of its hydrogens (O,H,H order gives the reference's bond order)."""
+    z = np.asarray(species)
+    zb = np.sort(z[bonds], axis=1)
+    mol = np.asarray(mol)
+    oh = bonds[(zb[:, 0] == 1) & (zb[:, 1] == 8) & (mol[bonds[:, 0]] == mol[bonds[:, 1]])]
+    if len(oh) == 0:
+        raise ValueError("the O-H bond-length observables need O-H bonds; the system has none")
+    hydrogen = np.where(z[oh[:, 0]] == 1, oh[:, 0], oh[:, 1])
+    molecule = np.asarray(mol)[oh[:, 0]]
+    slots = []
+    for m in np.unique(mol):
+        rows = np.flatnonzero(molecule == m)
+        rows = rows[np.argsort(hydrogen[rows])]
+        if len(rows) != 2:
+            raise ValueError(
+                f"molecule {m} has {len(rows)} O-H bonds; the per-bond observable needs water"
+            )
+        slots.append(rows)
+    return oh, np.asarray(slots)
+
+
 def observable_target(config, dataset, train, bonds, mol) -> ObservableTarget:
+    """The training observable and its reference (the training frames' average).
+
+    Observables (`config.observable.name`):
+      distance_histogram: h(r) of all atom pairs (1/Å), global estimator.
+      rdf: the radial distribution function g(r), global estimator.
+      oh_bond_length: mean O-H bond length (Å) of the frame (global) or of the
+        neighbourhood's molecules (local).
+      oh_bond_lengths: the two O-H bond lengths (Å) of a water, [first, second] in
+        hydrogen order: per neighbourhood the mean over its molecules of each slot
+        (k = 0: exactly the molecule's two bonds, as in the reference code); globally the
+        mean over all molecules of each slot.
+    """
     o = config.observable
     box = dataset.box
     if o.name == "distance_histogram":
@@ -318,39 +382,57 @@ def observable_target(config, dataset, train, bonds, mol) -> ObservableTarget:
 
         ref = np.asarray(jax.jit(jax.vmap(fn))(jnp.asarray(train.positions))).mean(axis=0)
         return ObservableTarget("g(r)", ref, observable_fn=fn)
-    if o.name == "oh_bond_length":
-        z = np.asarray(dataset.species)
-        zb = np.sort(z[bonds], axis=1)
-        oh = bonds[(zb[:, 0] == 1) & (zb[:, 1] == 8)]
-        if len(oh) == 0:
-            raise ValueError("observable.name='oh_bond_length' but the system has no O-H bonds")
-        lengths = observables.bond_lengths(jnp.asarray(train.positions), oh, box)
-        ref = np.asarray(jnp.mean(lengths)).reshape(1)
-        if config.stable.estimator == "local":
-            from stablejax.estimator import neighbourhood_membership
+    if o.name not in ("oh_bond_length", "oh_bond_lengths"):
+        raise ValueError(f"config.observable.name: unknown {o.name!r}")
+    if mol is None:
+        raise ValueError(f"observable {o.name!r} needs the molecules of the system")
+    mol = np.asarray(mol)
+    oh, slots = _oh_bonds_by_molecule(dataset.species, bonds, mol)
+    per_bond = o.name == "oh_bond_lengths"
+    lengths = np.asarray(observables.bond_lengths(jnp.asarray(train.positions), oh, box))
+    if per_bond:
+        ref = lengths[:, slots].mean(axis=(0, 1))  # [2]: mean first and second bond
+        name = "O-H bond lengths"
+    else:
+        ref = np.asarray(lengths.mean()).reshape(1)
+        name = "O-H bond length"
+    slots_j = jnp.asarray(slots)
+    # A bond belongs to a neighbourhood when its oxygen does (the molecule of each slot
+    # row of `slots` is that row's molecule).
+    z = np.asarray(dataset.species)
+    bond_atom = jnp.asarray(np.where(z[oh[:, 0]] == 8, oh[:, 0], oh[:, 1]))
 
-            if config.stable.local_k_nearest:
-                members = neighbourhood_membership(
-                    mol, train.positions[0], k=config.stable.local_k_nearest, box=box
-                )
-            else:
-                members = np.stack([mol == m for m in np.unique(mol)])
-            bond_atom = jnp.asarray(oh[:, 0])
-
-            def local_fn(x, member_mask):
-                lengths = observables.bond_lengths(x, oh, box)
-                w = member_mask[bond_atom].astype(lengths.dtype)
-                return (jnp.sum(w * lengths) / jnp.maximum(jnp.sum(w), 1.0)).reshape(1)
-
-            return ObservableTarget(
-                "O-H bond length", ref, local_observable_fn=local_fn, membership=np.asarray(members)
-            )
+    if config.stable.estimator != "local":
 
         def fn(x):
-            return jnp.mean(observables.bond_lengths(x, oh, box)).reshape(1)
+            b = observables.bond_lengths(x, oh, box)
+            return b[slots_j].mean(axis=0) if per_bond else jnp.mean(b).reshape(1)
 
-        return ObservableTarget("O-H bond length", ref, observable_fn=fn)
-    raise ValueError(f"config.observable.name: unknown {o.name!r}")
+        return ObservableTarget(name, ref, observable_fn=fn)
+
+    def local_fn(x, member_mask):
+        b = observables.bond_lengths(x, oh, box)
+        if per_bond:
+            w = member_mask[bond_atom[slots_j[:, 0]]].astype(b.dtype)  # [n_mol]
+            return jnp.sum(w[:, None] * b[slots_j], axis=0) / jnp.maximum(jnp.sum(w), 1.0)
+        w = member_mask[bond_atom].astype(b.dtype)
+        return (jnp.sum(w * b) / jnp.maximum(jnp.sum(w), 1.0)).reshape(1)
+
+    k = int(config.stable.local_k_nearest)
+    n_mol = int(mol.max()) + 1
+    if k:
+
+        def neighbourhoods(x, frame_box):
+            # Per frame: molecule m plus its k nearest molecules (oxygen distances,
+            # minimum image in this frame's box).
+            return neighbourhood_membership(x, mol, box=frame_box, k_nearest=k, num_molecules=n_mol)
+    else:
+        single = jnp.asarray(mol[None, :] == np.arange(n_mol)[:, None])
+
+        def neighbourhoods(x, frame_box):
+            return single
+
+    return ObservableTarget(name, ref, local_observable_fn=local_fn, neighbourhoods=neighbourhoods)
 
 
 def stable_train(config, potential, params, dataset, train, target, criterion, workdir):

@@ -238,6 +238,7 @@ def _estimate(
     has_aux,
     beta,
     batch_size,
+    n_total=None,
 ):
     """Shared body of the global and local estimators.
 
@@ -273,7 +274,7 @@ def _estimate(
     # With fewer than two usable samples there is no covariance: zero gradient (and a NaN
     # loss, set in _weights) rather than whatever the model's backward pass produced.
     grads = jax.tree.map(lambda g: jnp.where(enough, g, jnp.zeros_like(g)), grads)
-    n_total = ok.size
+    n_total = ok.size if n_total is None else n_total
     n_used = _concrete_int(w.n_used)
     if n_used is not None and n_used < 2:
         raise ValueError(
@@ -287,7 +288,7 @@ def _estimate(
         energies=energies_from_out(out),
         used=ok,
         n_used=w.n_used,
-        n_dropped=jnp.asarray(n_total, jnp.int32) - w.n_used,
+        n_dropped=jnp.asarray(n_total).astype(jnp.int32) - w.n_used,
         loss_aux=w.loss_aux,
     )
     return (w.loss, aux), grads
@@ -436,10 +437,14 @@ def boltzmann_grad_local(
       has_aux: whether `loss_fn` returns `(loss, aux)`.
 
     Returns:
-      `value_and_grad(params, frames, membership) -> ((loss, aux), grads)` where `frames`
-      is a pytree with a leading frame axis [F, ...] (e.g. positions [F, n, 3] Å) and
-      `membership` is [F, n_neighbourhoods, n_atoms] bool or 0/1. In `aux`, per-sample
-      fields have shape [F, n_neighbourhoods, ...].
+      `value_and_grad(params, frames, membership, selected=None) -> ((loss, aux), grads)`
+      where `frames` is a pytree with a leading frame axis [F, ...] (e.g. positions
+      [F, n, 3] Å), `membership` is [F, n_neighbourhoods, n_atoms] bool or 0/1, and
+      `selected` ([F, n_neighbourhoods] bool, default all) marks the neighbourhoods that
+      are samples: the others are left out of every statistic (used by stratified
+      sub-sampling; fixed shapes, so a new selection never recompiles). In `aux`,
+      per-sample fields have shape [F, n_neighbourhoods, ...]; `n_dropped` counts
+      selected neighbourhoods that were dropped as bad samples.
 
     Example (two independent "molecules" of one atom each in a harmonic well):
 
@@ -460,7 +465,7 @@ def boltzmann_grad_local(
     _check_kT(kT)
     _check_batch_size(batch_size)
 
-    def value_and_grad(params, frames, membership):
+    def value_and_grad(params, frames, membership, selected=None):
         n_frames = _leading_size(frames)
         membership = jnp.asarray(membership)
         if membership.ndim != 3 or membership.shape[0] != n_frames:
@@ -469,6 +474,14 @@ def boltzmann_grad_local(
                 f"{n_frames}; got shape {membership.shape}"
             )
         n_neigh = membership.shape[1]
+        if selected is None:
+            selected = jnp.ones((n_frames, n_neigh), bool)
+        selected = jnp.asarray(selected).astype(bool)
+        if selected.shape != (n_frames, n_neigh):
+            raise ValueError(
+                f"selected must be [n_frames, n_neighbourhoods] = {(n_frames, n_neigh)}; got "
+                f"shape {selected.shape}"
+            )
         members = membership.astype(bool)
         frame_ok = _finite_rows(frames, n_frames)
         clean = _replace_rows(frames, frame_ok, jnp.argmax(frame_ok))
@@ -481,7 +494,7 @@ def boltzmann_grad_local(
         obs_ok = _finite_rows(obs, n_frames, n_axes=2)
         flat = lambda x: x.reshape((n_frames * n_neigh,) + x.shape[2:])
         obs_flat = jax.tree.map(flat, obs)
-        unit_ok = jnp.broadcast_to(frame_ok[:, None], (n_frames, n_neigh))
+        unit_ok = frame_ok[:, None] & selected
 
         def cot_from_c(c):
             # Per-atom cotangent: sum of c over the neighbourhoods containing the atom.
@@ -508,6 +521,7 @@ def boltzmann_grad_local(
             has_aux=has_aux,
             beta=1.0 / kT,
             batch_size=batch_size,
+            n_total=jnp.sum(selected),
         )
         aux = aux._replace(observables=obs, used=aux.used.reshape(n_frames, n_neigh))
         return (loss, aux), grads
@@ -584,6 +598,55 @@ def neighbourhood_membership(
             nearest[:, :, None] == jnp.arange(num_molecules)[None, None, :], axis=1
         )
     return (mol_members.astype(jnp.int32) @ atoms_of.astype(jnp.int32)) > 0
+
+
+def stratified_selection(
+    deviation, *, n_bins: int, per_bin: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Stratified sub-sample of local neighbourhoods by their deviation from the reference.
+
+    The reference StABlE code does this for water: the deviations of every (frame,
+    neighbourhood) sample are put into `n_bins` equal-width bins between their minimum and
+    maximum (`np.histogram` edges, the last bin closed), and up to `per_bin` samples are
+    drawn uniformly without replacement from each bin (all of them where a bin has fewer).
+
+    Bias: the selected samples over-represent the rare, strongly deviating neighbourhoods
+    (the tails get as many samples as the bulk), so the mean observable and the
+    covariance of the Boltzmann estimator are taken over this re-weighted set, not over
+    the model's Boltzmann distribution: the gradient is no longer an unbiased estimate of
+    d L(<O>_theta)/d theta. It points the update at the unstable local environments, which
+    is why the reference uses it; `stable.local_sampling = "all"` keeps the unbiased
+    estimator.
+
+    Args:
+      deviation: [F, M] per-sample deviation (any unit); non-finite entries are never
+        selected.
+      n_bins: number of bins (>= 1).
+      per_bin: samples drawn per bin (>= 1).
+      rng: NumPy generator (the caller seeds it, e.g. from the training RNG key, so a
+        resumed run draws the same samples).
+
+    Returns:
+      [F, M] bool: the selected samples.
+    """
+    if n_bins < 1 or per_bin < 1:
+        raise ValueError(f"n_bins and per_bin must be >= 1; got {n_bins}, {per_bin}")
+    dev = np.asarray(deviation, dtype=np.float64)
+    flat = dev.reshape(-1)
+    finite = np.flatnonzero(np.isfinite(flat))
+    selected = np.zeros(flat.shape, bool)
+    if finite.size == 0:
+        return selected.reshape(dev.shape)
+    values = flat[finite]
+    edges = np.histogram_bin_edges(values, bins=n_bins)
+    # Bin k holds edges[k] <= v < edges[k+1]; the last bin also holds its right edge.
+    which = np.clip(np.searchsorted(edges, values, side="right") - 1, 0, n_bins - 1)
+    for k in range(n_bins):
+        members = finite[which == k]
+        if members.size > per_bin:
+            members = rng.choice(members, size=per_bin, replace=False)
+        selected[members] = True
+    return selected.reshape(dev.shape)
 
 
 # --------------------------------------------------------------------------------------

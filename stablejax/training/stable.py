@@ -1,26 +1,31 @@
 """The StABlE training loop: alternate simulation and learning phases.
 
+The rules are the reference code's (docs/fidelity.md lists every setting):
+
 Simulation phase (learning rate 0): R replicas run with the current model for
 `steps_per_epoch` steps per epoch; every `check_every` steps a frame is checked
 with the training stability criterion. A replica that becomes unstable during an
 epoch is rewound to its state at the start of that epoch and held (frozen) there:
 that state is "near-unstable" (simulating one more epoch from it crosses the
-threshold). At the start of each simulation phase a random `reset_fraction` of
-the stable replicas is reset to a random earlier stored state (diversity). When
-the held fraction reaches `upper_threshold` the learning phase starts.
+threshold). The start of every simulation epoch is stored; at the start of each
+simulation phase ceil(`reset_fraction` x stable replicas) random stable replicas are
+reset to random stored states (diversity). When the held fraction reaches
+`upper_threshold` the learning phase starts.
 
-Learning phase: every replica is reset to its stored near-unstable state (the
-state it is held at, or its current state if it is stable), simulated for one
-epoch with the current model, and every `sample_every`-th state is a sample.
-The gradient of the observable loss ||<O>_theta - O_ref||^2 comes from the
-Boltzmann estimator (global, or localized for water), plus lambda x the QM
-energy/force gradient on a random batch of the original training frames; the
-sum is clipped to a global norm and one SGD step is taken. This repeats from the
-same starting states. The learning rate is reduced on a plateau of the unstable
-fraction; the phase ends when that fraction falls to `lower_threshold` or the
-rate has been reduced `max_lr_reductions` times. The next simulation phase
-starts from the end states of the last learning epoch (replicas that went
-unstable in it restart from their learning-phase starting states).
+Learning phase: every replica is reset to its state at the start of the simulation
+epoch that reached the threshold, simulated for one epoch with the current model,
+and every `sample_every`-th state is a sample. The update direction is
+`observable_weight` x the Boltzmann-estimator gradient of ||<O>_theta - O_ref||^2
+(global, or localized over neighbourhoods, all or stratified) plus lambda x the
+gradient of the QM energy/force loss over the training frames (all of them, or a
+random batch); it is clipped to a global norm and one SGD step is taken. This repeats
+from the same starting states. The learning rate is reduced on a plateau of the
+unstable fraction (PyTorch `ReduceLROnPlateau` semantics); the phase ends when that
+fraction falls to `lower_threshold` or the rate has been reduced `max_lr_reductions`
+times. The next simulation phase starts from the end states of the last learning
+epoch (replicas that went unstable in it restart from their learning-phase starting
+states). Training stops after `max_epochs` epochs, `max_learning_cycles` learning
+phases or `max_learning_steps` steps (0: no limit), or `max_time_s`.
 
 Everything that decides the future of the run (params, optimizer state, replica
 states and stored states, RNG key, phase and counters) is checkpointed with
@@ -43,7 +48,7 @@ import numpy as np
 import optax
 
 from stablejax import md, units
-from stablejax.estimator import boltzmann_grad, boltzmann_grad_local
+from stablejax.estimator import boltzmann_grad, boltzmann_grad_local, stratified_selection
 from stablejax.potentials.base import Potential, all_pairs_edges
 from stablejax.stability import StabilityCriterion
 from stablejax.training.checkpoint import CheckpointManager
@@ -138,14 +143,22 @@ class ObservableTarget:
       observable_fn: global estimator: `(positions [n,3] Å) -> array`.
       local_observable_fn: localized estimator: `(positions [n,3] Å, members [n] bool)
         -> array`; None for the global estimator.
-      membership: localized estimator: [n_neighbourhoods, n_atoms] bool.
+      neighbourhoods: localized estimator: `(positions [n,3] Å, box [3] Å | None) ->
+        [n_neighbourhoods, n_atoms] bool`, evaluated on every sampled frame (the
+        neighbourhoods of "molecule plus its k nearest" change as molecules move).
     """
 
     name: str
     reference: np.ndarray
     observable_fn: Callable | None = None
     local_observable_fn: Callable | None = None
-    membership: np.ndarray | None = None
+    neighbourhoods: Callable | None = None
+
+    def __post_init__(self):
+        if (self.observable_fn is None) == (self.local_observable_fn is None):
+            raise ValueError("give exactly one of observable_fn and local_observable_fn")
+        if self.local_observable_fn is not None and self.neighbourhoods is None:
+            raise ValueError("the localized estimator needs neighbourhoods")
 
     @property
     def local(self) -> bool:
@@ -154,6 +167,175 @@ class ObservableTarget:
     def loss(self, mean_observable):
         """||<O> - O_ref||^2 (sum of squares over the observable's entries)."""
         return jnp.sum((mean_observable - jnp.asarray(self.reference)) ** 2)
+
+    def deviation(self, observable):
+        """Largest |O - O_ref| over the observable's entries (trailing axis), per sample."""
+        return jnp.max(jnp.abs(observable - jnp.asarray(self.reference)), axis=-1)
+
+
+def reference_observable_weight(
+    kT: float, minibatch_size: int, observable_scale: float = 1.0
+) -> float:
+    """`stable.observable_weight` that makes our learning step the reference code's step.
+
+    The reference StABlE code computes the observable gradient per minibatch of B samples
+    as -2 (<O>_b - O_ref) Cov_b(O, dU/dtheta) with the biased (1/B) covariance and
+    without beta ("like scaling the learning rate"), and its observables are `s` times
+    ours (h(r): 100 x normalised counts where ours is a density in 1/Å, s = 100 dr). Our
+    estimator gives -2 beta (<O> - O_ref) Cov(O, dU/dtheta) with the unbiased 1/(N - 1)
+    covariance. For B = N samples the two differ by the factor
+
+        w = kT (B - 1) / B s^2,
+
+    so weighting our observable gradient by w, with the reference's lr, lambda and
+    clipping, takes the same SGD step (checked in tests/test_stable_training.py). With
+    N > B the reference averages per-minibatch estimates; the (B - 1)/B factor is
+    converted, its minibatch noise is not (docs/fidelity.md).
+
+    Args:
+      kT: thermal energy of the training MD (eV).
+      minibatch_size: the reference's `minibatch_size` B (>= 2).
+      observable_scale: s, the reference observable divided by ours.
+    """
+    if minibatch_size < 2:
+        raise ValueError(f"minibatch_size must be >= 2; got {minibatch_size}")
+    return float(kT) * (minibatch_size - 1) / minibatch_size * float(observable_scale) ** 2
+
+
+def make_learning_step(
+    potential: Potential,
+    species,
+    box,
+    target: ObservableTarget,
+    optimizer: optax.GradientTransformation,
+    *,
+    kT: float,
+    observable_weight: float = 1.0,
+    batch_size: int | None = None,
+    qm_weight: float = 0.0,
+    qm_loss: Callable | None = None,
+    qm_frames: QMFrames | None = None,
+) -> Callable:
+    """One StABlE learning step as a pure function (jit it once).
+
+    The update direction is `observable_weight * grad L_O + qm_weight * grad L_QM`, where
+    grad L_O comes from the Boltzmann estimator (global or localized) on the samples and
+    grad L_QM is the exact mean over the QM frames given by `qm_idx`/`qm_w` (chunks of
+    frames, summed inside one `lax.scan`); `optimizer` consumes it (the trainer uses
+    `clip_by_global_norm` then SGD with an injected learning rate).
+
+    Returns:
+      `step(params, opt_state, samples, selected, qm_idx [C, B] int, qm_w [C, B], lr)
+      -> (params, opt_state, metrics)`. `samples` holds `positions` [S, n, 3] Å and, for
+      periodic systems, `edges` [S, 2, E] and `box` [S, 3] Å; `selected` is the
+      localized estimator's [S, n_neighbourhoods] bool sample mask (None: all; ignored by
+      the global estimator).
+    """
+    species = jnp.asarray(species, dtype=jnp.int32)
+    periodic = box is not None
+    if periodic:
+
+        def energy(params, sample):
+            return potential.energy(
+                params, species, sample["positions"], sample["edges"], sample["box"]
+            )
+
+        def per_atom(params, sample):
+            return potential.per_atom_energies(
+                params, species, sample["positions"], sample["edges"], sample["box"]
+            )
+    else:
+        edges = jnp.asarray(all_pairs_edges(len(species)))
+
+        def energy(params, sample):
+            return potential.energy(params, species, sample["positions"], edges, None)
+
+        def per_atom(params, sample):
+            return potential.per_atom_energies(params, species, sample["positions"], edges, None)
+
+    if target.local:
+        estimator = boltzmann_grad_local(
+            per_atom,
+            lambda sample, members: target.local_observable_fn(sample["positions"], members),
+            target.loss,
+            kT=kT,
+            batch_size=batch_size,
+        )
+    else:
+        estimator = boltzmann_grad(
+            energy,
+            lambda sample: target.observable_fn(sample["positions"]),
+            target.loss,
+            kT=kT,
+            batch_size=batch_size,
+        )
+    if qm_weight > 0 and (qm_loss is None or qm_frames is None):
+        raise ValueError("qm_weight > 0 needs qm_loss and qm_frames")
+
+    def qm_value_and_grad(params, qm_idx, qm_w):
+        total = jnp.maximum(jnp.sum(qm_w), 1.0)
+
+        def chunk(acc, xs):
+            idx, w = xs
+            (loss, _), g = jax.value_and_grad(qm_loss, has_aux=True)(params, qm_frames, idx, w)
+            share = jnp.sum(w) / total
+            loss_acc, g_acc = acc
+            return (
+                loss_acc + share * loss,
+                jax.tree.map(lambda a, b: a + share * b, g_acc, g),
+            ), None
+
+        zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
+        (loss, grads), _ = jax.lax.scan(chunk, zeros, (qm_idx, qm_w))
+        return loss, grads
+
+    def step(params, opt_state, samples, selected, qm_idx, qm_w, lr):
+        if target.local:
+            boxes = samples.get("box")
+            if boxes is None:
+                members = jax.vmap(lambda x: target.neighbourhoods(x, None))(samples["positions"])
+            else:
+                members = jax.vmap(target.neighbourhoods)(samples["positions"], boxes)
+            (obs_loss, aux), g_obs = estimator(params, samples, members, selected)
+        else:
+            (obs_loss, aux), g_obs = estimator(params, samples)
+        if qm_weight > 0:
+            q_loss, g_qm = qm_value_and_grad(params, qm_idx, qm_w)
+        else:
+            q_loss = jnp.zeros(())
+            g_qm = jax.tree.map(jnp.zeros_like, g_obs)
+        grads = jax.tree.map(lambda a, b: observable_weight * a + qm_weight * b, g_obs, g_qm)
+        opt_state[-1].hyperparams["learning_rate"] = lr
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        n_obs = optax.global_norm(g_obs)
+        n_qm = optax.global_norm(g_qm)
+        dot = sum(
+            jnp.vdot(a, b)
+            for a, b in zip(jax.tree.leaves(g_obs), jax.tree.leaves(g_qm), strict=True)
+        )
+        cosine = jnp.where(n_obs * n_qm > 0, dot / jnp.maximum(n_obs * n_qm, 1e-30), 0.0)
+        metrics = {
+            "observable_loss": obs_loss,
+            "qm_loss": q_loss,
+            "observable_grad_norm": n_obs,
+            "qm_grad_norm": n_qm,
+            "update_grad_norm": optax.global_norm(grads),
+            "grad_cosine": cosine,
+            "samples_used": aux.n_used,
+            "samples_dropped": aux.n_dropped,
+        }
+        return params, opt_state, metrics
+
+    return step
+
+
+def learning_optimizer(grad_clip: float, lr: float) -> optax.GradientTransformation:
+    """The learning phase's optimizer: clip to a global norm, then SGD (lr injected)."""
+    return optax.chain(
+        optax.clip_by_global_norm(grad_clip),
+        optax.inject_hyperparams(optax.sgd)(learning_rate=lr),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,13 +407,46 @@ class StableTrainer:
         self.n_replicas = int(self.mcfg.n_replicas)
         self.frames_per_epoch = self.mcfg.steps_per_epoch // self.mcfg.check_every
         self.sample_stride = self.scfg.sample_every // self.mcfg.check_every
-        self.optimizer = optax.chain(
-            optax.clip_by_global_norm(self.scfg.grad_clip),
-            optax.inject_hyperparams(optax.sgd)(learning_rate=self.scfg.lr),
-        )
+        self.optimizer = learning_optimizer(self.scfg.grad_clip, self.scfg.lr)
         self._edge_capacity = 0
-        self._learn_step = jax.jit(self._make_learn_step())
+        self._qm_idx, self._qm_w = self._qm_chunks_all()
+        qm_loss = None
+        if self.scfg.qm_weight > 0:
+            qm_loss = make_qm_loss(
+                potential,
+                energy_weight=self.scfg.qm_energy_weight,
+                force_weight=self.scfg.qm_force_weight,
+                per_atom_energy=self.scfg.qm_per_atom_energy,
+            )
+        self._learn_step = jax.jit(
+            make_learning_step(
+                potential,
+                self.species,
+                self.box,
+                target,
+                self.optimizer,
+                kT=self.kT,
+                observable_weight=float(self.scfg.observable_weight),
+                batch_size=int(self.scfg.batch_size) if self.scfg.batch_size else None,
+                qm_weight=float(self.scfg.qm_weight),
+                qm_loss=qm_loss,
+                qm_frames=qm_frames,
+            )
+        )
         self._check = jax.jit(self._unstable_frames)
+        if target.local:
+
+            def local_observables(positions, boxes):
+                def one(x, b):
+                    members = target.neighbourhoods(x, b)
+                    obs = jax.vmap(target.local_observable_fn, in_axes=(None, 0))(x, members)
+                    return target.deviation(obs)
+
+                if boxes is None:
+                    return jax.vmap(lambda x: one(x, None))(positions)
+                return jax.vmap(one)(positions, boxes)
+
+            self._local_deviation = jax.jit(local_observables)
 
         key = jax.random.PRNGKey(int(config.seed))
         key, k_init = jax.random.split(key)
@@ -308,101 +523,31 @@ class StableTrainer:
         """[R, F] bool: frames that cross the criterion (or are not finite)."""
         return self.criterion.is_unstable(positions)
 
-    def _sample_energy_fn(self):
-        species = jnp.asarray(self.species)
-        pot = self.potential
-        if self.box is None:
-            edges = jnp.asarray(all_pairs_edges(len(self.species)))
+    def _qm_chunks_all(self):
+        """Every QM training frame in zero-padded chunks of `stable.qm_chunk_size`."""
+        chunk = max(1, int(self.scfg.qm_chunk_size))
+        if self.qm_frames is None or self.scfg.qm_weight <= 0:
+            return np.zeros((1, 1), np.int32), np.zeros((1, 1), np.float32)
+        n = self.qm_frames.n_frames
+        size = n if self.scfg.qm_batch_size == 0 else min(int(self.scfg.qm_batch_size), n)
+        n_chunks = -(-size // chunk)
+        idx = np.zeros(n_chunks * chunk, np.int32)
+        w = np.zeros(n_chunks * chunk, np.float32)
+        idx[:size] = np.arange(size)
+        w[:size] = 1.0
+        return idx.reshape(n_chunks, chunk), w.reshape(n_chunks, chunk)
 
-            def energy(params, sample):
-                return pot.energy(params, species, sample["positions"], edges, None)
-
-            def per_atom(params, sample):
-                return pot.per_atom_energies(params, species, sample["positions"], edges, None)
-        else:
-
-            def energy(params, sample):
-                return pot.energy(
-                    params, species, sample["positions"], sample["edges"], sample["box"]
-                )
-
-            def per_atom(params, sample):
-                return pot.per_atom_energies(
-                    params, species, sample["positions"], sample["edges"], sample["box"]
-                )
-
-        return energy, per_atom
-
-    def _make_learn_step(self):
-        s = self.scfg
-        energy, per_atom = self._sample_energy_fn()
-        target = self.target
-        batch = int(s.batch_size) if s.batch_size else None
-        if target.local:
-            estimator = boltzmann_grad_local(
-                per_atom,
-                lambda sample, members: target.local_observable_fn(sample["positions"], members),
-                target.loss,
-                kT=self.kT,
-                batch_size=batch,
-            )
-        else:
-            estimator = boltzmann_grad(
-                energy,
-                lambda sample: target.observable_fn(sample["positions"]),
-                target.loss,
-                kT=self.kT,
-                batch_size=batch,
-            )
-        qm_loss = None
-        if s.qm_weight > 0:
-            qm_loss = make_qm_loss(
-                self.potential,
-                energy_weight=self.config.pretrain.energy_weight,
-                force_weight=self.config.pretrain.force_weight,
-            )
-        qm_frames = self.qm_frames
-        optimizer = self.optimizer
-        membership = None if target.membership is None else jnp.asarray(target.membership)
-
-        def step(params, opt_state, samples, qm_idx, lr):
-            if target.local:
-                n_frames = samples["positions"].shape[0]
-                members = jnp.broadcast_to(membership, (n_frames,) + membership.shape)
-                (obs_loss, aux), g_obs = estimator(params, samples, members)
-            else:
-                (obs_loss, aux), g_obs = estimator(params, samples)
-            if qm_loss is not None:
-                weight = jnp.ones(qm_idx.shape, dtype=samples["positions"].dtype)
-                (q_loss, _), g_qm = jax.value_and_grad(qm_loss, has_aux=True)(
-                    params, qm_frames, qm_idx, weight
-                )
-            else:
-                q_loss = jnp.zeros(())
-                g_qm = jax.tree.map(jnp.zeros_like, g_obs)
-            grads = jax.tree.map(lambda a, b: a + s.qm_weight * b, g_obs, g_qm)
-            opt_state[1].hyperparams["learning_rate"] = lr
-            updates, opt_state = optimizer.update(grads, opt_state, params)
-            params = optax.apply_updates(params, updates)
-            n_obs = optax.global_norm(g_obs)
-            n_qm = optax.global_norm(g_qm)
-            dot = sum(
-                jnp.vdot(a, b)
-                for a, b in zip(jax.tree.leaves(g_obs), jax.tree.leaves(g_qm), strict=True)
-            )
-            cosine = jnp.where(n_obs * n_qm > 0, dot / jnp.maximum(n_obs * n_qm, 1e-30), 0.0)
-            metrics = {
-                "observable_loss": obs_loss,
-                "qm_loss": q_loss,
-                "observable_grad_norm": n_obs,
-                "qm_grad_norm": n_qm,
-                "grad_cosine": cosine,
-                "samples_used": aux.n_used,
-                "samples_dropped": aux.n_dropped,
-            }
-            return params, opt_state, metrics
-
-        return step
+    def _qm_chunks(self, key):
+        """The QM frames of one learning step: all of them (`qm_batch_size = 0`, the
+        reference), or a random batch of `qm_batch_size` distinct frames."""
+        idx, w = self._qm_idx, self._qm_w
+        if self.qm_frames is None or self.scfg.qm_weight <= 0 or self.scfg.qm_batch_size == 0:
+            return idx, w
+        n, size = self.qm_frames.n_frames, int(w.sum())
+        pick = np.asarray(jax.random.permutation(key, n))[:size].astype(np.int32)
+        idx = idx.copy().reshape(-1)
+        idx[:size] = pick
+        return idx.reshape(self._qm_idx.shape), w
 
     # ------------------------------------------------------------------ epochs
 
@@ -432,23 +577,43 @@ class StableTrainer:
             samples["box"] = np.asarray(boxes)
         return samples
 
+    def _selection(self, samples: dict, key) -> tuple[np.ndarray | None, dict]:
+        """The localized estimator's samples: every neighbourhood of every frame, or a
+        stratified sub-sample (`stable.local_sampling`)."""
+        if not self.target.local:
+            return None, {}
+        dev = np.asarray(
+            self._local_deviation(jnp.asarray(samples["positions"]), samples.get("box"))
+        )
+        if self.scfg.local_sampling == "all":
+            return np.ones(dev.shape, bool), {}
+        # A NumPy generator seeded from the epoch's key: a resumed run draws the same samples.
+        rng = np.random.default_rng(np.asarray(key, np.uint32).ravel())
+        selected = stratified_selection(
+            dev, n_bins=int(self.scfg.local_bins), per_bin=int(self.scfg.local_per_bin), rng=rng
+        )
+        return selected, {"local_selected": int(selected.sum()), "local_candidates": dev.size}
+
     def _random_resets(self, key):
-        """Reset a random fraction of the stable replicas to random earlier stored states."""
+        """Reset ceil(reset_fraction x stable replicas) random stable replicas to random
+        stored states (the reference's diversity step at the start of a simulation phase)."""
         st = self.state
         stored = min(int(st["history_count"]), int(self.scfg.history_depth))
         if stored == 0 or self.scfg.reset_fraction <= 0:
             return 0
         k1, k2, k3 = jax.random.split(key, 3)
-        stable = ~np.asarray(st["held"])
-        choose = np.asarray(jax.random.uniform(k1, (self.n_replicas,))) < self.scfg.reset_fraction
-        mask = stable & choose
-        if not mask.any():
+        stable = np.flatnonzero(~np.asarray(st["held"]))
+        n_reset = int(np.ceil(self.scfg.reset_fraction * stable.size))
+        if n_reset == 0:
             return 0
+        chosen = np.asarray(jax.random.permutation(k1, stable))[:n_reset]
+        mask = np.zeros(self.n_replicas, bool)
+        mask[chosen] = True
         slots = np.asarray(jax.random.randint(k2, (self.n_replicas,), 0, stored))
         rows = np.arange(self.n_replicas)
         earlier = jax.tree.map(lambda h: h[slots, rows], st["history"])
         st["md_state"] = self.sim.reset(st["md_state"], earlier, jnp.asarray(mask), key=k3)
-        return int(mask.sum())
+        return n_reset
 
     def _push_history(self, md_state):
         st = self.state
@@ -463,6 +628,8 @@ class StableTrainer:
             n_reset = self._random_resets(key)
             st["new_phase"] = False
         start = st["md_state"]
+        # Stored states are the starts of simulation epochs (as in the reference code).
+        self._push_history(start)
         md_state, traj = self.sim.run(
             st["params"], start, self.mcfg.steps_per_epoch, record_every=self.mcfg.check_every
         )
@@ -475,7 +642,6 @@ class StableTrainer:
         md_state = self.sim.freeze(md_state, jnp.asarray(held))
         st["md_state"] = md_state
         st["held"] = held
-        self._push_history(md_state)
         fraction = float(held.mean())
         record = {
             "phase": "simulation",
@@ -485,16 +651,36 @@ class StableTrainer:
             "temperature_K": float(np.nanmean(traj.temperature)),
         }
         if fraction >= self.scfg.upper_threshold:
+            # Every replica restarts the learning phase from its state at the start of
+            # this epoch: the held ones sit there already; the stable ones are rewound
+            # too (the reference resets all replicas).
             st["phase"] = LEARNING
-            st["learn_start"] = md_state
+            st["learn_start"] = start
             st["lr"] = float(self.scfg.lr)
             st["lr_reductions"] = 0
             st["best_fraction"] = fraction
             st["since_best"] = 0
         return record
 
+    def _plateau(self, fraction: float) -> None:
+        """Reduce-on-plateau of the unstable fraction with the semantics of PyTorch's
+        `ReduceLROnPlateau(mode='min', threshold=1e-4, threshold_mode='rel')`, which the
+        reference uses: a step improves when fraction < best x (1 - 1e-4); the rate is
+        multiplied by `plateau_factor` once more than `plateau_patience` steps in a row
+        have not improved."""
+        st = self.state
+        if fraction < st["best_fraction"] * (1.0 - 1e-4):
+            st["best_fraction"], st["since_best"] = fraction, 0
+            return
+        st["since_best"] = int(st["since_best"]) + 1
+        if st["since_best"] > self.scfg.plateau_patience:
+            st["lr"] = float(st["lr"]) * self.scfg.plateau_factor
+            st["lr_reductions"] = int(st["lr_reductions"]) + 1
+            st["since_best"] = 0
+
     def _learning_epoch(self, key) -> dict:
         st = self.state
+        k_sel, k_qm = jax.random.split(key)
         start = self.sim.unfreeze(st["learn_start"], jnp.ones(self.n_replicas, bool))
         md_state, traj = self.sim.run(
             st["params"], start, self.mcfg.steps_per_epoch, record_every=self.mcfg.check_every
@@ -503,16 +689,15 @@ class StableTrainer:
         went_unstable = flags.any(axis=1) | np.asarray(md_state.unstable)
         fraction = float(went_unstable.mean())
         samples = self._samples(traj)
-        qm_idx = np.zeros(max(1, int(self.scfg.qm_batch_size)), np.int32)
-        if self.qm_frames is not None and self.scfg.qm_weight > 0:
-            qm_idx = np.asarray(
-                jax.random.randint(key, qm_idx.shape, 0, self.qm_frames.n_frames), np.int32
-            )
+        selected, sel_record = self._selection(samples, k_sel)
+        qm_idx, qm_w = self._qm_chunks(k_qm)
         params, opt_state, metrics = self._learn_step(
             st["params"],
             st["opt_state"],
             samples,
+            None if selected is None else jnp.asarray(selected),
             jnp.asarray(qm_idx),
+            jnp.asarray(qm_w),
             jnp.asarray(st["lr"], dtype=jnp.result_type(float)),
         )
         metrics = {k: float(v) for k, v in metrics.items()}
@@ -521,18 +706,16 @@ class StableTrainer:
                 "observable loss is not finite (fewer than 2 usable samples?): "
                 f"{metrics}; lower stable.lr or check the stability threshold"
             )
-        record = {"phase": "learning", "unstable_fraction": fraction, "lr": st["lr"], **metrics}
+        record = {
+            "phase": "learning",
+            "unstable_fraction": fraction,
+            "lr": st["lr"],
+            **metrics,
+            **sel_record,
+        }
         st["params"], st["opt_state"] = params, opt_state
         st["learning_steps"] = int(st["learning_steps"]) + 1
-        # Reduce-on-plateau of the unstable fraction.
-        if fraction < st["best_fraction"] - 1e-12:
-            st["best_fraction"], st["since_best"] = fraction, 0
-        else:
-            st["since_best"] = int(st["since_best"]) + 1
-            if st["since_best"] >= self.scfg.plateau_patience:
-                st["lr"] = float(st["lr"]) * self.scfg.plateau_factor
-                st["lr_reductions"] = int(st["lr_reductions"]) + 1
-                st["since_best"] = 0
+        self._plateau(fraction)
         if (
             fraction <= self.scfg.lower_threshold
             or st["lr_reductions"] >= self.scfg.max_lr_reductions
@@ -552,6 +735,12 @@ class StableTrainer:
     def budget_left(self) -> bool:
         st = self.state
         if st["epoch"] >= self.scfg.max_epochs:
+            return False
+        cycles = int(self.scfg.max_learning_cycles)
+        if cycles > 0 and int(st["cycles"]) >= cycles:
+            return False
+        steps = int(self.scfg.max_learning_steps)
+        if steps > 0 and int(st["learning_steps"]) >= steps:
             return False
         return not (self.scfg.max_time_s > 0 and st["time_s"] >= self.scfg.max_time_s)
 

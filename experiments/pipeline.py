@@ -254,6 +254,82 @@ def pretrain(config, potential, params, train, val, workdir):
     return params
 
 
+def learning_budget(stable_history: list[dict]) -> tuple[int, float]:
+    """(optimizer steps, wall seconds) that StABlE spent in learning epochs."""
+    steps, seconds, prev = 0, 0.0, 0.0
+    for r in stable_history:
+        dt = float(r["wall_time_s"]) - prev
+        prev = float(r["wall_time_s"])
+        if r["phase"] == "learning":
+            steps += 1
+            seconds += max(dt, 0.0)
+    return steps, seconds
+
+
+def baseline_plus_model(config, potential, baseline, train, val, workdir):
+    """The control `baseline_plus`: the baseline trained further on the QM loss alone.
+
+    Pre-training continues from the baseline with the pre-training's own optimizer and
+    learning-rate rules (warm-up, plateau; early stopping off) for at least as many
+    optimizer steps as StABlE took learning steps and at least as much wall time as its
+    learning epochs took (estimated from the pre-training's epoch time). The result is
+    the best of the baseline and every continued epoch by validation force MAE, so the
+    control is never worse than the baseline on the QM data. Saved in
+    `models/baseline_plus`, its budget in `models/baseline_plus.json`.
+    """
+    path = os.path.join(workdir, "models", "baseline_plus")
+    info_path = path + ".json"
+    if os.path.exists(path) and os.path.exists(info_path):
+        _, params = model_io.load_model(path)
+        log(f"baseline_plus model loaded from {path}")
+        return params
+    from stablejax.training.metrics import read_metrics
+
+    stable_log = os.path.join(workdir, "stable", "metrics.jsonl")
+    history = read_metrics(stable_log) if os.path.exists(stable_log) else []
+    steps, seconds = learning_budget(history)
+    pre_log = os.path.join(workdir, "pretrain", "metrics.jsonl")
+    pre = read_metrics(pre_log) if os.path.exists(pre_log) else []
+    info = {"stable_learning_steps": steps, "stable_learning_time_s": seconds}
+    if steps == 0:
+        params, info["chosen"], info["epochs"] = baseline, "baseline (no learning step ran)", 0
+    else:
+        steps_per_epoch = max(1, -(-train.n_frames // int(config.pretrain.batch_size)))
+        epoch_time = float(np.median([r["epoch_time_s"] for r in pre])) if pre else float("inf")
+        epochs = max(-(-steps // steps_per_epoch), int(np.ceil(seconds / epoch_time)), 1)
+        log(
+            f"baseline_plus: {epochs} more QM epochs ({epochs * steps_per_epoch} steps; StABlE "
+            f"took {steps} learning steps in {seconds:.0f} s)"
+        )
+        cfg = {k: v for k, v in config.pretrain.items() if k in qm.default_config()}
+        cfg.update(seed=int(config.seed), epochs=epochs, patience=0, max_time_s=0.0)
+        more, hist = qm.train_qm(
+            potential, baseline, train, val, config=cfg,
+            workdir=os.path.join(workdir, "baseline_plus"),
+        )  # fmt: skip
+        frames = qm.prepare_frames(val, potential, dtype=jax.tree.leaves(baseline)[0].dtype)
+        evaluator = qm.make_evaluator(potential)
+        mae_base = float(evaluator(baseline, frames)["force_mae_meV_per_A"])
+        mae_more = float(evaluator(more, frames)["force_mae_meV_per_A"])
+        better = mae_more < mae_base
+        params = more if better else baseline
+        info.update(
+            epochs=epochs,
+            optimizer_steps=epochs * steps_per_epoch,
+            train_time_s=float(hist[-1]["time_s"]) if hist else 0.0,
+            val_force_mae_baseline_meV_per_A=mae_base,
+            val_force_mae_continued_meV_per_A=mae_more,
+            chosen="continued"
+            if better
+            else "baseline (continued training did not improve the validation force MAE)",
+        )
+        params = refit_shift(config, potential, params, train, "baseline_plus")
+    model_io.save_model(path, config.model, params)
+    with open(info_path, "w") as f:
+        json.dump(info, f, indent=2)
+    return params
+
+
 def _ci_text(metrics: dict) -> str:
     ci = metrics.get("median_stable_time_ci_ps")
     if not ci:  # evaluations written before the CI existed
@@ -702,6 +778,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         model_io.save_model(stable_path, config.model, stable_params)
 
     models = {"baseline": baseline, "stable": stable_params}
+    if config.eval.baseline_plus:
+        models["baseline_plus"] = baseline_plus_model(
+            config, potential, baseline, train, val, workdir
+        )
     out_dir = os.path.join(workdir, "eval")
     done_path = os.path.join(out_dir, "final_metrics.json")
     if os.path.exists(done_path):
@@ -721,6 +801,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             + _ci_text(m)
             + f" (mean {m['mean_stable_time_ps']:.2f} ps, "
             f"{m['n_unstable']}/{m['n_replicas']} unstable)"
+        )
+    for pair, t in final.get("paired_tests", {}).items():
+        log(
+            f"paired test {pair}: longer in {t['n_longer']} of {t['n']}, shorter in "
+            f"{t['n_shorter']}, p = {t['p_value']:.3g}"
         )
     log(f"outputs: {workdir} (report: {os.path.join(out_dir, 'report.md')})")
     return final
@@ -873,11 +958,15 @@ def summarize_seeds(per_seed: dict, *, wall_time_s: dict | None = None) -> dict:
             }
         m["by_criterion"] = by
         out["models"][name] = m
-    ref = models[0]
-    for name in models[1:]:
-        a = np.concatenate([per_seed[s][ref]["stable_times_ps"] for s in seeds])
-        b = np.concatenate([per_seed[s][name]["stable_times_ps"] for s in seeds])
-        out["paired_tests"][f"{name} vs {ref}"] = paired_stable_time_test(a, b)
+    # The trained model against each other model ("stable vs baseline", "stable vs
+    # baseline_plus"), paired by seed and initial state.
+    target = "stable" if "stable" in models else models[1]
+    for name in models:
+        if name == target:
+            continue
+        a = np.concatenate([per_seed[s][name]["stable_times_ps"] for s in seeds])
+        b = np.concatenate([per_seed[s][target]["stable_times_ps"] for s in seeds])
+        out["paired_tests"][f"{target} vs {name}"] = paired_stable_time_test(a, b)
     return out
 
 
@@ -1042,5 +1131,10 @@ def run_lj(config, workdir) -> dict:
         mol,
         workdir,
     )
+    for pair, t in final.get("paired_tests", {}).items():
+        log(
+            f"paired test {pair}: longer in {t['n_longer']} of {t['n']}, shorter in "
+            f"{t['n_shorter']}, p = {t['p_value']:.3g}"
+        )
     log(f"outputs: {workdir} (report: {os.path.join(out_dir, 'report.md')})")
     return final

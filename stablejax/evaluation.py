@@ -597,12 +597,22 @@ def write_report(
         m["energy_mae_meV"] = q.get("energy_mae_meV")
         m["force_mae_meV_per_A"] = q.get("force_mae_meV_per_A")
         final[name] = m
-    if len(results) == 2:
-        first, second = results.values()
-        if first.stable_time_ps.shape == second.stable_time_ps.shape:
-            final["paired_test"] = paired_stable_time_test(
-                first.stable_time_ps, second.stable_time_ps
-            ) | {"models": list(results)}
+    # Paired tests of the trained model against each other model (same initial states):
+    # "stable" when present (the StABlE study: vs baseline, vs baseline_plus), else the
+    # second model against the first.
+    names = list(results)
+    if len(names) >= 2:
+        target = "stable" if "stable" in results else names[1]
+        tests = {}
+        for other in names:
+            a, b = results[other].stable_time_ps, results[target].stable_time_ps
+            if other != target and a.shape == b.shape:
+                tests[f"{target} vs {other}"] = paired_stable_time_test(a, b) | {
+                    "models": [other, target]
+                }
+        if tests:
+            final["paired_tests"] = tests
+            final["paired_test"] = next(iter(tests.values()))  # vs the first model
     if extra:
         final.update(extra)
     with open(os.path.join(out_dir, "final_metrics.json"), "w") as f:
@@ -719,8 +729,7 @@ def write_report(
         f"{res0.max_time_ps:g} ps in medians and means and as censored (not failed) in the "
         f"survival curve."
     )
-    if "paired_test" in final:
-        pt = final["paired_test"]
+    for pt in final.get("paired_tests", {}).values():
         lines.append(
             f"Paired test on the same initial states ({pt['test']}): {pt['models'][1]} "
             f"outlives {pt['models'][0]} in {pt['n_longer']} of {pt['n']} replicas, shorter in "

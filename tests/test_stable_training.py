@@ -1,5 +1,6 @@
 """The StABlE loop: phases, resume equality, and config errors that stop before any work."""
 
+import json
 import os
 import subprocess
 import sys
@@ -167,7 +168,7 @@ def test_pipeline_test_preset_end_to_end(tmp_path):
         config.data.energy_unit = "eV"
         config.model.species = [1, 6, 8]
     final = pipeline.run(config, str(tmp_path / "run"))
-    for name in ("baseline", "stable"):
+    for name in ("baseline", "stable", "baseline_plus"):
         for key in (
             "median_stable_time_ps",
             "mean_stable_time_ps",
@@ -179,6 +180,30 @@ def test_pipeline_test_preset_end_to_end(tmp_path):
             assert key in final[name]
     for f in ("eval/final_metrics.json", "eval/report.md", "eval/survival.png", "config.json"):
         assert (tmp_path / "run" / f).exists(), f
+    # The control got at least StABlE's learning budget, and both paired tests exist.
+    assert set(final["paired_tests"]) == {"stable vs baseline", "stable vs baseline_plus"}
+    info = json.loads((tmp_path / "run" / "models" / "baseline_plus.json").read_text())
+    history = [
+        json.loads(line)
+        for line in (tmp_path / "run" / "stable" / "metrics.jsonl").read_text().splitlines()
+    ]
+    n_learning = sum(r["phase"] == "learning" for r in history)
+    assert info["stable_learning_steps"] == n_learning
+    assert n_learning > 0, "the test preset must exercise a learning phase"
+    assert info["optimizer_steps"] >= n_learning
+    assert info["val_force_mae_continued_meV_per_A"] > 0
+    report = (tmp_path / "run" / "eval" / "report.md").read_text()
+    assert "baseline_plus" in report
+
+
+def test_learning_budget_counts_learning_epochs():
+    history = [
+        {"phase": "simulation", "wall_time_s": 10.0},
+        {"phase": "learning", "wall_time_s": 25.0},
+        {"phase": "learning", "wall_time_s": 45.0},
+        {"phase": "simulation", "wall_time_s": 50.0},
+    ]
+    assert pipeline.learning_budget(history) == (2, 35.0)
 
 
 @pytest.mark.parametrize("system", ["aspirin", "tetrapeptide", "water", "lj"])

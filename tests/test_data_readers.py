@@ -392,3 +392,55 @@ def test_data_package_imports_without_reference_engines():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root
     )
     assert out.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------------------------------------
+# A data file never runs code
+# ---------------------------------------------------------------------------------------------
+
+
+class _Payload:
+    """Unpickling this runs a shell command (the classic `__reduce__` attack)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_crafted_npy_is_refused_and_its_payload_never_runs(tmp_path):
+    marker = tmp_path / "payload_ran"
+    box = np.empty((), object)
+    box[()] = {"wrapped_coords": _Payload(marker), "atom_types": ["O", "H", "H"]}
+    path = tmp_path / "water.npy"
+    np.save(path, box, allow_pickle=True)
+    with pytest.raises(DataFormatError, match=r"water\.npy.*refusing to unpickle .*system"):
+        load(path)
+    assert not marker.exists()
+
+
+def test_crafted_npz_is_refused_and_its_payload_never_runs(tmp_path):
+    marker = tmp_path / "payload_ran"
+    path = tmp_path / "aspirin.npz"
+    meta = np.empty(1, object)
+    meta[0] = _Payload(marker)
+    np.savez(path, R=np.zeros((2, 3, 3)), z=np.array([8, 1, 1]), E=np.zeros(2),
+             F=np.zeros((2, 3, 3)), name=meta)  # fmt: skip
+    with pytest.raises(DataFormatError, match=r"aspirin\.npz.*refusing to unpickle"):
+        load(path)
+    assert not marker.exists()
+
+
+def test_object_metadata_in_npz_still_loads(tmp_path):
+    """sGDML files with string metadata stored as object arrays load through the safe path."""
+    path = tmp_path / "aspirin.npz"
+    rng = np.random.default_rng(0)
+    name = np.empty((), object)
+    name[()] = "aspirin"
+    np.savez(path, R=rng.normal(size=(4, 3, 3)), z=np.array([8, 1, 1]), E=rng.normal(size=4),
+             F=rng.normal(size=(4, 3, 3)), name=name)  # fmt: skip
+    ds = load(path, energy_unit="eV")
+    assert ds.n_frames == 4 and list(ds.species) == [8, 1, 1]

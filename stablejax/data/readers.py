@@ -16,8 +16,11 @@ Example:
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -239,14 +242,87 @@ def _build(
     )
 
 
-def _load_npz(path) -> dict:
+# ------------------------------------------------------------------ safe unpickling
+
+#: The only globals a pickled data file may name: NumPy's array and scalar
+#: reconstruction and dtypes (plus the bytes codec of protocol-2 pickles). Plain
+#: containers (dict, list, str, numbers) need no globals. Anything else, e.g.
+#: `os.system` in a crafted `__reduce__`, is refused before it can run.
+_SAFE_GLOBALS = frozenset(
+    {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }
+)
+
+
+class _ArrayOnlyUnpickler(pickle.Unpickler):
+    """Unpickles dicts/lists/strings/numbers and NumPy arrays, nothing else."""
+
+    def __init__(self, file, path):
+        super().__init__(file)
+        self._path = path
+
+    def find_class(self, module, name):
+        if (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        raise DataFormatError(
+            f"{self._path}: refusing to unpickle {module}.{name}: data files may only hold "
+            "arrays, numbers, strings, lists and dicts (a pickle can run code when loaded)"
+        )
+
+
+def _read_npy_stream(f, path):
+    """One .npy array from an open binary stream; object arrays through the safe unpickler."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+    else:
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    if dtype.hasobject:
+        try:
+            array = _ArrayOnlyUnpickler(f, path).load()
+        except DataFormatError:
+            raise
+        except Exception as e:  # truncated or malformed pickle
+            raise DataFormatError(f"{path}: cannot unpickle the object array ({e})") from e
+        return np.asarray(array)
+    f.seek(0)
+    return np.load(f, allow_pickle=False)
+
+
+def load_npy(path) -> np.ndarray:
+    """`np.load` of a .npy file that never runs code: object arrays (e.g. the MDsim
+    water format, a pickled dict) are unpickled admitting only arrays and plain values."""
     try:
-        with np.load(path, allow_pickle=False) as f:
-            return {k: f[k] for k in f.files}
-    except ValueError:
-        # Some sGDML files store string metadata as object arrays.
-        with np.load(path, allow_pickle=True) as f:
-            return {k: f[k] for k in f.files}
+        with open(path, "rb") as f:
+            return _read_npy_stream(f, path)
+    except DataFormatError:
+        raise
+    except Exception as e:
+        raise DataFormatError(f"{path}: cannot read as .npy ({e})") from e
+
+
+def _load_npz(path) -> dict:
+    """Every array of an .npz; object members (some sGDML files store string metadata
+    that way) through the safe unpickler, never NumPy's pickle fallback."""
+    try:
+        out = {}
+        with zipfile.ZipFile(path) as z:
+            for name in z.namelist():
+                if not name.endswith(".npy"):
+                    continue
+                with z.open(name) as member:
+                    buf = io.BytesIO(member.read())
+                out[name[: -len(".npy")]] = _read_npy_stream(buf, f"{path}[{name}]")
+        return out
+    except DataFormatError:
+        raise
     except Exception as e:  # zip errors, truncated files
         raise DataFormatError(f"{path}: cannot read as .npz ({e})") from e
 
@@ -490,10 +566,7 @@ def read_mdsim_water(
       A periodic Dataset (``box`` [3] Å) with wrapped ``positions``,
       ``unwrapped_positions``, velocities in Å/(ASE time), energies in eV.
     """
-    try:
-        raw = np.load(path, allow_pickle=True)
-    except Exception as e:
-        raise DataFormatError(f"{path}: cannot read as .npy ({e})") from e
+    raw = load_npy(path)
     if isinstance(raw, np.ndarray) and raw.dtype == object and raw.shape == ():
         raw = raw.item()
     if not isinstance(raw, dict):

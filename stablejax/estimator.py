@@ -95,7 +95,10 @@ def _leading_size(tree: PyTree) -> int:
             "every leaf of samples must have the same leading (sample) axis; got shapes "
             f"{[np.shape(x) for x in leaves]}"
         )
-    return sizes.pop()
+    n = sizes.pop()
+    if n == 0:
+        raise ValueError("samples are empty: the Boltzmann estimator needs at least 2 samples")
+    return n
 
 
 def _finite_rows(tree: PyTree, n_lead: int, n_axes: int = 1) -> jax.Array:
@@ -133,8 +136,20 @@ def _concrete_int(x) -> int | None:
 
 
 def _check_kT(kT) -> None:
-    if isinstance(kT, (int, float, np.number)) and not float(kT) > 0.0:
-        raise ValueError(f"kT must be a positive thermal energy in eV; got {kT!r}")
+    """A concrete kT (Python number, NumPy or concrete JAX scalar) must be finite and > 0.
+
+    A traced kT (inside `jit`/`vmap` of the caller) cannot be checked here; a
+    non-positive or non-finite traced kT gives a meaningless gradient (a negative one
+    flips its sign), so pass kT as a static Python float where possible.
+    """
+    try:
+        value = np.asarray(kT, dtype=np.float64)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError, TypeError):
+        return  # traced: checked by the caller or not at all (see the docstring)
+    if value.shape != ():
+        raise ValueError(f"kT must be a scalar thermal energy in eV; got shape {value.shape}")
+    if not (np.isfinite(value) and value > 0.0):
+        raise ValueError(f"kT must be a positive, finite thermal energy in eV; got {kT!r}")
 
 
 def _check_batch_size(batch_size) -> None:

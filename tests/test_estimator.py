@@ -428,3 +428,24 @@ def test_reweight_observable_warns_drops_and_supports_pytrees():
         x**2, u
     )  # traced: no warning possible, values still returned
     assert np.isfinite(mean_j) and float(ess_j) < 50
+
+
+@pytest.mark.parametrize("bad", [-1.0, 0.0, np.inf, np.nan])
+@pytest.mark.parametrize("wrap", [float, np.float32, jnp.asarray])
+def test_concrete_bad_kT_is_refused_whatever_its_type(bad, wrap):
+    with pytest.raises(ValueError, match="kT"):
+        boltzmann_grad(lambda p, x: p * x, lambda x: x, lambda o: o, kT=wrap(bad))
+    with pytest.raises(ValueError, match="kT"):
+        boltzmann_grad_local(lambda p, x: p * x, lambda x, m: x, lambda o: o, kT=wrap(bad))
+
+
+def test_traced_kT_is_accepted_and_empty_samples_are_refused():
+    def grad_at(kT):
+        vg = boltzmann_grad(lambda p, x: 0.5 * p * x**2, lambda x: x**2, lambda o: o, kT=kT)
+        return vg(1.0, jnp.linspace(-1.0, 1.0, 8))[1]
+
+    g_traced = jax.jit(grad_at)(jnp.asarray(0.5))
+    np.testing.assert_allclose(g_traced, grad_at(0.5), rtol=1e-10)
+    vg = boltzmann_grad(lambda p, x: p * x, lambda x: x, lambda o: o, kT=1.0)
+    with pytest.raises(ValueError, match="empty"):
+        vg(1.0, jnp.zeros((0,)))

@@ -65,6 +65,124 @@ def log(msg: str) -> None:
 
 OBSERVABLES = ("distance_histogram", "rdf", "oh_bond_length", "oh_bond_lengths")
 
+# The domain of every numeric field, in one table: (field, kind, low, high, unit/meaning).
+# kind 'int' needs an integer, 'num' any finite number; low/high are inclusive bounds
+# (None = unbounded) unless the bound is given as ('>', x) / ('<', x) for a strict one.
+_GT0 = (">", 0.0)
+FIELD_DOMAINS = (
+    ("seed", "int", 0, None, ""),
+    ("data.n_frames", "int", 1, None, "frames"),
+    ("data.n_train", "int", 2, None, "frames"),
+    ("data.n_val", "int", 1, None, "frames"),
+    ("data.n_test", "int", 0, None, "frames (0 = the rest)"),
+    ("data.seed", "int", 0, None, ""),
+    ("pretrain.epochs", "int", 0, None, ""),
+    ("pretrain.batch_size", "int", 1, None, "frames"),
+    ("pretrain.lr", "num", _GT0, None, ""),
+    ("pretrain.warmup_steps", "int", 0, None, "steps"),
+    ("pretrain.energy_weight", "num", 0.0, None, "1/eV^2"),
+    ("pretrain.force_weight", "num", 0.0, None, "Å^2/eV^2"),
+    ("pretrain.patience", "int", 0, None, "epochs (0 = off)"),
+    ("pretrain.ema_decay", "num", 0.0, ("<", 1.0), ""),
+    ("pretrain.max_time_s", "num", 0.0, None, "s (0 = none)"),
+    ("md.temperature_K", "num", _GT0, None, "K"),
+    ("md.dt_fs", "num", _GT0, None, "fs"),
+    ("md.tau_fs", "num", _GT0, None, "fs"),
+    ("md.friction_per_ps", "num", 0.0, None, "1/ps"),
+    ("md.chain_length", "int", 1, None, ""),
+    ("md.pressure_bar", "num", None, None, "bar"),
+    ("md.tau_P_fs", "num", _GT0, None, "fs"),
+    ("md.n_replicas", "int", 1, None, ""),
+    ("md.steps_per_epoch", "int", 1, None, "steps"),
+    ("md.check_every", "int", 1, None, "steps"),
+    ("md.chunk_steps", "int", 1, None, "steps"),
+    ("md.skin", "num", 0.0, None, "Å"),
+    ("stability.threshold", "num", _GT0, None, "Å or RDF-MAE units"),
+    ("stability.eval_threshold", "num", _GT0, None, "Å or RDF-MAE units"),
+    ("stability.rdf_window_ps", "num", _GT0, None, "ps"),
+    ("stability.eval_guard_threshold", "num", _GT0, None, "Å"),
+    ("observable.r_max", "num", _GT0, None, "Å"),
+    ("observable.dr", "num", _GT0, None, "Å"),
+    ("observable.sigma", "num", 0.0, None, "Å"),
+    ("stable.local_k_nearest", "int", 0, None, "molecules"),
+    ("stable.local_bins", "int", 1, None, ""),
+    ("stable.local_per_bin", "int", 1, None, "samples"),
+    ("stable.lr", "num", _GT0, None, ""),
+    ("stable.observable_weight", "num", _GT0, None, ""),
+    ("stable.qm_weight", "num", 0.0, None, "lambda"),
+    ("stable.qm_energy_weight", "num", 0.0, None, "1/eV^2"),
+    ("stable.qm_force_weight", "num", 0.0, None, "Å^2/eV^2"),
+    ("stable.qm_batch_size", "int", 0, None, "frames (0 = all)"),
+    ("stable.qm_chunk_size", "int", 1, None, "frames"),
+    ("stable.sample_every", "int", 1, None, "steps"),
+    ("stable.batch_size", "int", 1, None, "samples per minibatch"),
+    ("stable.grad_clip", "num", _GT0, None, "global norm"),
+    ("stable.upper_threshold", "num", 0.0, 1.0, "fraction"),
+    ("stable.lower_threshold", "num", -1.0, ("<", 1.0), "fraction (< 0: only lr ends)"),
+    ("stable.reset_fraction", "num", 0.0, 1.0, "fraction"),
+    ("stable.plateau_patience", "int", 0, None, "steps"),
+    ("stable.plateau_factor", "num", _GT0, ("<", 1.0), ""),
+    ("stable.max_lr_reductions", "int", 1, None, ""),
+    ("stable.max_epochs", "int", 0, None, "epochs"),
+    ("stable.max_learning_cycles", "int", 0, None, "(0 = no limit)"),
+    ("stable.max_learning_steps", "int", 0, None, "(0 = no limit)"),
+    ("stable.max_time_s", "num", 0.0, None, "s (0 = none)"),
+    ("stable.history_depth", "int", 1, None, "stored states"),
+    ("eval.n_replicas", "int", 1, None, ""),
+    ("eval.time_ps", "num", _GT0, None, "ps"),
+    ("eval.friction_per_ps", "num", 0.0, None, "1/ps"),
+    ("eval.tau_fs", "num", _GT0, None, "fs"),
+    ("eval.record_every", "int", 1, None, "steps"),
+    ("eval.vacf_window", "int", 1, None, "steps"),
+    ("eval.n_test_frames", "int", 0, None, "frames"),
+    ("lj.n_particles", "int", 2, None, ""),
+    ("lj.sigma", "num", _GT0, None, "Å"),
+    ("lj.epsilon", "num", _GT0, None, "eV"),
+    ("lj.density", "num", _GT0, None, "reduced"),
+    ("lj.cutoff", "num", _GT0, None, "Å"),
+    ("lj.reference_frames", "int", 2, None, "frames"),
+)
+
+
+def _field(config, dotted):
+    node = config
+    for part in dotted.split("."):
+        if part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+_MISSING = object()
+
+
+def _check_domain(config, field, kind, low, high, unit) -> str | None:
+    """None when `field` is absent or in its domain, else the reason."""
+    value = _field(config, field)
+    if value is _MISSING:
+        return None
+    where = f" ({unit})" if unit else ""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return f"must be a number{where}, got {value!r}"
+    if kind == "int" and float(value) != int(value):
+        return f"must be an integer{where}, got {value!r}"
+    if not np.isfinite(float(value)):
+        return f"must be finite{where}, got {value!r}"
+    for bound, is_low in ((low, True), (high, False)):
+        if bound is None:
+            continue
+        strict = isinstance(bound, tuple)
+        b = bound[1] if strict else bound
+        bad = (
+            (value <= b if strict else value < b)
+            if is_low
+            else (value >= b if strict else value > b)
+        )
+        if bad:
+            op = (">" if strict else ">=") if is_low else ("<" if strict else "<=")
+            return f"must be {op} {b}{where}, got {value!r}"
+    return None
+
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the field for values that would fail later."""
@@ -73,7 +191,34 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         if not cond:
             raise ValueError(f"config.{field}: {msg}")
 
-    d = config.data
+    for field, kind, low, high, unit in FIELD_DOMAINS:
+        problem = _check_domain(config, field, kind, low, high, unit)
+        need(problem is None, field, problem)
+    for field in ("eval.temperature_K", "eval.dt_fs"):  # < 0 means "as in training"
+        value = _field(config, field)
+        need(
+            value is _MISSING or (np.isfinite(value) and value != 0),
+            field,
+            f"must be > 0, or < 0 for the training value; got {value!r}",
+        )
+
+    # Choices (one line each) and cross-field rules.
+    integrators = ("nve", "langevin", "nose_hoover", "berendsen_npt")
+    d, md, st, stab = config.data, config.md, config.stable, config.stability
+    choices = (
+        ("data.split", d.split, ("random", "contiguous", "percent")),
+        ("md.integrator", md.integrator, integrators),
+        ("eval.integrator", config.eval.integrator, integrators),
+        ("stable.estimator", st.estimator, ("global", "local")),
+        ("stable.local_sampling", st.local_sampling, ("all", "stratified")),
+        ("stability.criterion", stab.criterion, CRITERIA),
+        ("stability.eval_criterion", stab.eval_criterion, CRITERIA),
+        ("stability.eval_guard", stab.eval_guard, CRITERIA + ("",)),
+        ("observable.name", config.observable.name, OBSERVABLES),
+        ("model.name", config.model.name, factory.ARCHITECTURES + factory.PAIR_POTENTIALS),
+    )
+    for field, value, allowed in choices:
+        need(value in allowed, field, f"unknown {value!r}; choose one of {allowed}")
     if d.path:
         need(os.path.exists(os.path.expanduser(d.path)), "data.path", f"no such file {d.path!r}")
     else:
@@ -82,94 +227,33 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             "data.generator",
             f"unknown generator {d.generator!r} (and no data.path given)",
         )
-    need(d.n_train >= 2, "data.n_train", "must be >= 2")
-    need(d.split in ("random", "contiguous", "percent"), "data.split", f"unknown {d.split!r}")
     need(
-        config.md.integrator in ("nve", "langevin", "nose_hoover", "berendsen_npt"),
-        "md.integrator",
-        f"unknown {config.md.integrator!r}",
-    )
-    need(config.md.n_replicas >= 1, "md.n_replicas", "must be >= 1")
-    need(config.md.dt_fs > 0, "md.dt_fs", "must be > 0")
-    need(
-        config.md.steps_per_epoch % config.md.check_every == 0,
+        md.steps_per_epoch % md.check_every == 0,
         "md.steps_per_epoch",
-        f"must be a multiple of md.check_every ({config.md.check_every})",
+        f"must be a multiple of md.check_every ({md.check_every})",
     )
     need(
-        config.stable.sample_every % config.md.check_every == 0,
+        st.sample_every % md.check_every == 0,
         "stable.sample_every",
-        f"must be a multiple of md.check_every ({config.md.check_every})",
+        f"must be a multiple of md.check_every ({md.check_every})",
     )
     need(
-        config.stable.estimator in ("global", "local"),
-        "stable.estimator",
-        f"unknown {config.stable.estimator!r}",
+        st.lower_threshold < st.upper_threshold,
+        "stable.lower_threshold",
+        f"must be < stable.upper_threshold ({st.upper_threshold})",
     )
     need(
-        config.stability.criterion in CRITERIA,
-        "stability.criterion",
-        f"unknown {config.stability.criterion!r}; choose one of {CRITERIA}",
-    )
-    need(
-        config.stability.eval_criterion in CRITERIA,
-        "stability.eval_criterion",
-        f"unknown {config.stability.eval_criterion!r}; choose one of {CRITERIA}",
-    )
-    need(
-        config.stability.eval_guard in CRITERIA + ("",),
-        "stability.eval_guard",
-        f"unknown {config.stability.eval_guard!r}; choose one of {CRITERIA} or ''",
-    )
-    need(
-        config.stability.eval_guard_threshold > 0,
-        "stability.eval_guard_threshold",
-        "must be > 0 (Å)",
-    )
-    need(
-        not (config.system == "lj" and config.stability.eval_guard == "min_nonbonded_distance"),
+        not (config.system == "lj" and stab.eval_guard == "min_nonbonded_distance"),
         "stability.eval_guard",
         "'min_nonbonded_distance' needs bonded molecules; the Lennard-Jones fluid has none",
     )
-    need(config.data.seed >= 0, "data.seed", "must be >= 0")
-    need(
-        config.observable.name in OBSERVABLES,
-        "observable.name",
-        f"unknown {config.observable.name!r}; choose one of {OBSERVABLES}",
-    )
-    st = config.stable
-    need(
-        st.local_sampling in ("all", "stratified"),
-        "stable.local_sampling",
-        f"unknown {st.local_sampling!r}; choose 'all' or 'stratified'",
-    )
-    need(st.local_bins >= 1, "stable.local_bins", "must be >= 1")
-    need(st.local_per_bin >= 1, "stable.local_per_bin", "must be >= 1")
-    need(st.local_k_nearest >= 0, "stable.local_k_nearest", "must be >= 0")
-    need(st.qm_batch_size >= 0, "stable.qm_batch_size", "must be >= 0 (0 = every training frame)")
-    need(st.qm_chunk_size >= 1, "stable.qm_chunk_size", "must be >= 1")
-    need(st.qm_weight >= 0, "stable.qm_weight", "must be >= 0")
-    need(st.observable_weight > 0, "stable.observable_weight", "must be > 0")
-    need(0 < st.plateau_factor < 1, "stable.plateau_factor", "must be in (0, 1)")
-    need(st.plateau_patience >= 0, "stable.plateau_patience", "must be >= 0")
-    need(st.max_lr_reductions >= 1, "stable.max_lr_reductions", "must be >= 1")
-    need(st.max_learning_cycles >= 0, "stable.max_learning_cycles", "must be >= 0 (0 = no limit)")
-    need(st.history_depth >= 1, "stable.history_depth", "must be >= 1")
-    need(0 <= st.reset_fraction <= 1, "stable.reset_fraction", "must be in [0, 1]")
     need(
         config.observable.name not in ("oh_bond_length", "oh_bond_lengths")
-        or config.data.generator in ("water", "")
-        or bool(config.data.path),
+        or d.generator in ("water", "")
+        or bool(d.path),
         "observable.name",
         "the O-H bond-length observables need water",
     )
-    need(
-        config.eval.integrator in ("nve", "langevin", "nose_hoover", "berendsen_npt"),
-        "eval.integrator",
-        f"unknown {config.eval.integrator!r}",
-    )
-    need(config.eval.time_ps > 0, "eval.time_ps", "must be > 0")
-    need(config.model.name in factory.ARCHITECTURES + factory.PAIR_POTENTIALS, "model.name", "?")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,8 +287,25 @@ def load_data(config, workdir):
     return dataset
 
 
+def validate_data_sizes(config, dataset) -> None:
+    """Checks the data-dependent sizes right after the data loads, naming the field."""
+    d = config.data
+    n = dataset.n_frames
+    if d.split == "percent":
+        return  # fractions of the data set
+    used = d.n_train + d.n_val + (d.n_test or 0)
+    if d.n_train + d.n_val >= n or used > n:
+        raise ValueError(
+            f"config.data.n_train/n_val/n_test: {d.n_train} + {d.n_val}"
+            + (f" + {d.n_test}" if d.n_test else "")
+            + f" frames requested but the data has {n} (at least one frame must remain "
+            "for the test set, which holds the evaluation's initial states)"
+        )
+
+
 def split(config, dataset):
     d = config.data
+    validate_data_sizes(config, dataset)
     if d.split == "percent":
         kw = dict(train=d.n_train / dataset.n_frames, val=d.n_val / dataset.n_frames)
         mode = "random"

@@ -444,3 +444,17 @@ def test_object_metadata_in_npz_still_loads(tmp_path):
              F=rng.normal(size=(4, 3, 3)), name=name)  # fmt: skip
     ds = load(path, energy_unit="eV")
     assert ds.n_frames == 4 and list(ds.species) == [8, 1, 1]
+
+
+def test_zero_box_side_and_negative_frame_interval_are_named(tmp_path):
+    raw = _mdsim_dict()
+    raw["lengths"] = np.tile([0.0, 6.0, 6.0], (len(raw["wrapped_coords"]), 1))
+    path = tmp_path / "water.npy"
+    np.save(path, raw, allow_pickle=True)
+    with pytest.raises(DataFormatError, match=r"water\.npy: box lengths must be positive"):
+        load(path)
+    raw = _mdsim_dict()
+    raw["frame_interval_fs"] = -10.0
+    np.save(path, raw, allow_pickle=True)
+    with pytest.raises(DataFormatError, match=r"frame_interval_fs must be a positive time"):
+        load(path)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -221,3 +222,72 @@ def test_every_preset_is_valid_and_builds(system):
         factory.build(config.model)
     with pytest.raises(ValueError, match="unknown preset"):
         module.get_config("nonsense")
+
+
+def _outside(kind, low, high):
+    """A value just outside a FIELD_DOMAINS domain (NaN where it is unbounded)."""
+    if low is not None:
+        b = low[1] if isinstance(low, tuple) else low
+        value = b if isinstance(low, tuple) else b - 1
+    elif high is not None:
+        b = high[1] if isinstance(high, tuple) else high
+        value = b if isinstance(high, tuple) else b + 1
+    else:
+        return float("nan")
+    return int(value) if kind == "int" else float(value)
+
+
+@pytest.mark.parametrize("system", ["aspirin", "tetrapeptide", "water", "lj"])
+def test_every_numeric_field_of_every_preset_is_checked(system):
+    """For each preset, each numeric field set just outside its domain fails validation,
+    naming the field (the README promises this for every field)."""
+    import importlib
+
+    module = importlib.import_module(f"experiments.configs.{system}")
+    for preset in module.PRESETS:
+        for field, kind, low, high, _ in pipeline.FIELD_DOMAINS:
+            config = module.get_config(preset)
+            if pipeline._field(config, field) is pipeline._MISSING:
+                continue
+            node = config
+            *parents, leaf = field.split(".")
+            for part in parents:
+                node = node[part]
+            with config.unlocked():
+                node[leaf] = _outside(kind, low, high)
+            with pytest.raises(ValueError, match=rf"config\.{re.escape(field)}:"):
+                pipeline.validate_config(config)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("md.temperature_K", 0.0),
+        ("md.temperature_K", -300.0),
+        ("md.check_every", 0),
+        ("eval.record_every", 0),
+        ("eval.n_replicas", 0),
+        ("stable.upper_threshold", 2.0),
+        ("md.chunk_steps", 0),
+        ("stable.lr", -1.0),
+        ("stable.batch_size", 0),
+        ("eval.temperature_K", 0.0),
+    ],
+)
+def test_reported_bad_fields_fail_validation(field, value):
+    config = aspirin_config.get_config("quick")
+    section, leaf = field.split(".")
+    config[section][leaf] = value
+    with pytest.raises(ValueError, match=rf"config\.{re.escape(field)}:"):
+        pipeline.validate_config(config)
+
+
+def test_data_sizes_are_checked_after_loading():
+    data = harmonic_bond_dataset(n_frames=20)
+    config = aspirin_config.get_config("quick")
+    config.data.n_train, config.data.n_val = 18, 2
+    with pytest.raises(ValueError, match=r"config\.data\.n_train/n_val/n_test: 18 \+ 2 .* has 20"):
+        pipeline.split(config, data)
+    config.data.n_train, config.data.n_val = 15, 2
+    train, val, test = pipeline.split(config, data)
+    assert (train.n_frames, val.n_frames, test.n_frames) == (15, 2, 3)

@@ -194,6 +194,16 @@ def _build(
     if np.any(species < 1) or np.any(species > 118):
         raise DataFormatError(f"{path}: atomic numbers outside 1..118: {np.unique(species)}")
     n = species.shape[0]
+    if box is not None:
+        box = np.asarray(box, dtype=np.float64)
+        if box.shape != (3,) or not np.all(np.isfinite(box)) or np.any(box <= 0):
+            raise DataFormatError(f"{path}: box must be 3 positive lengths (Å), got {box}")
+    if frame_interval_fs is not None and not (
+        np.isfinite(frame_interval_fs) and float(frame_interval_fs) > 0
+    ):
+        raise DataFormatError(
+            f"{path}: frame_interval_fs must be a positive time (fs), got {frame_interval_fs}"
+        )
     positions = np.asarray(positions, dtype=np.float64)
     if positions.ndim != 3 or positions.shape[1:] != (n, 3):
         raise DataFormatError(
@@ -224,10 +234,6 @@ def _build(
                 "(same as positions)"
             )
         _finite(name, arr, path)
-    if box is not None:
-        box = np.asarray(box, dtype=np.float64)
-        if box.shape != (3,) or not np.all(np.isfinite(box)) or np.any(box <= 0):
-            raise DataFormatError(f"{path}: box must be 3 positive lengths, got {box}")
     return Dataset(
         species=species,
         positions=positions,
@@ -595,6 +601,8 @@ def read_mdsim_water(
             f"{path}: box lengths change between frames (NPT data is not supported)"
         )
     box = lengths2[0]
+    if np.any(box <= 0):
+        raise DataFormatError(f"{path}: box lengths must be positive (Å), got {box}")
     velocities = None
     v_unit = None
     if velocity_unit is not None:

@@ -39,6 +39,7 @@ from stablejax.evaluation import (
     structural_observables,
     write_report,
 )
+from stablejax.files import read_json, write_json, write_text
 from stablejax.potentials import factory, normalization
 from stablejax.potentials import io as model_io
 from stablejax.training import qm
@@ -425,9 +426,8 @@ def baseline_plus_model(config, potential, baseline, train, val, workdir):
             else "baseline (continued training did not improve the validation force MAE)",
         )
         params = refit_shift(config, potential, params, train, "baseline_plus")
-    model_io.save_model(path, config.model, params)
-    with open(info_path, "w") as f:
-        json.dump(info, f, indent=2)
+    model_io.save_model(path, config.model, params, overwrite=True)
+    write_json(info_path, info)
     return params
 
 
@@ -889,8 +889,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         # A finished evaluation is kept (delete eval/ to redo it); later presets such as
         # `transfer` reuse the trained models and only add their own evaluations.
         log(f"evaluation already done: {done_path}")
-        with open(done_path) as f:
-            final = json.load(f)
+        final = read_json(done_path)
     else:
         final, out_dir = evaluate(config, potential, models, dataset, test, bonds, eq, mol, workdir)
     extra_evaluations(config, potential, models, dataset, test, bonds, eq, mol, workdir)
@@ -958,10 +957,11 @@ def run_seeds(config: ml_collections.ConfigDict, workdir: str, seeds) -> dict:
         wall[int(k)] = time.time() - t0
     summary = summarize_seeds(per_seed, wall_time_s=wall)
     summary["config"] = {"system": config.system, "preset": config.preset}
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    with open(os.path.join(workdir, "summary.md"), "w") as f:
-        f.write(summary_markdown(summary, title=f"{config.system} `{config.preset}`"))
+    write_text(
+        os.path.join(workdir, "summary.md"),
+        summary_markdown(summary, title=f"{config.system} `{config.preset}`"),
+    )
+    write_json(os.path.join(workdir, "summary.json"), summary)
     for name, m in summary["models"].items():
         lo, hi = m["median_stable_time_ps"]["interval_95"]
         log(

@@ -14,7 +14,6 @@ the same initial states.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Mapping
@@ -24,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from stablejax import observables, units
+from stablejax.files import write_json, write_text
 from stablejax.stability import StabilityCriterion
 
 #: Element pairs of the water RDFs (O-O, O-H, H-H).
@@ -615,8 +615,6 @@ def write_report(
             final["paired_test"] = next(iter(tests.values()))  # vs the first model
     if extra:
         final.update(extra)
-    with open(os.path.join(out_dir, "final_metrics.json"), "w") as f:
-        json.dump(_jsonable(final), f, indent=2)
 
     figs = []
     # Survival curves.
@@ -739,8 +737,9 @@ def write_report(
     lines.append("")
     for caption, fname in figs:
         lines += [f"## {caption}", "", f"![{caption}]({fname})", ""]
-    with open(os.path.join(out_dir, "report.md"), "w") as f:
-        f.write("\n".join(lines))
+    write_text(os.path.join(out_dir, "report.md"), "\n".join(lines))
+    # Written last: its presence marks the evaluation as done, with every output there.
+    write_json(os.path.join(out_dir, "final_metrics.json"), _jsonable(final))
     return final
 
 

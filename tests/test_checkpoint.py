@@ -132,3 +132,53 @@ def test_only_python_values_and_interrupted_save_leaves_previous(tmp_path):
     step, restored = ckpt.restore_latest({"epoch": -1, "phase": ""})
     assert step == 0 and restored == {"epoch": 0, "phase": "simulation"}
     ckpt.close()
+
+
+def _state(k):
+    return {"w": np.random.default_rng(k).normal(size=256), "epoch": k}
+
+
+def _truncate_meta(step_dir):
+    meta = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(step_dir, "meta")) for f in fs]
+    assert meta, "no metadata file found"
+    for path in meta:
+        with open(path, "r+b") as f:
+            f.truncate(max(1, os.path.getsize(path) // 2))
+
+
+def _flip_array_bytes(step_dir):
+    """Flips bytes in the middle of every array data file (OCDBT `d/` files)."""
+    files = [
+        os.path.join(r, f)
+        for r, _, fs in os.walk(os.path.join(step_dir, "arrays"))
+        for f in fs
+        if os.path.basename(r) == "d"
+    ]
+    assert files, "no array data files found"
+    for path in files:
+        with open(path, "r+b") as f:
+            data = bytearray(f.read())
+            for i in range(len(data) // 2, min(len(data), len(data) // 2 + 16)):
+                data[i] ^= 0x5A
+            f.seek(0)
+            f.write(bytes(data))
+
+
+@pytest.mark.parametrize("corrupt", [_truncate_meta, _flip_array_bytes])
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, corrupt):
+    directory = tmp_path / "ckpt"
+    with CheckpointManager(directory, max_to_keep=3) as m:
+        m.save(1, _state(1))
+        m.save(2, _state(2))
+    corrupt(str(directory / "2"))
+    with CheckpointManager(directory, max_to_keep=3) as m:
+        with pytest.warns(UserWarning, match=r"ckpt/2 cannot be restored.*corrupt-2"):
+            step, state = m.restore_latest(_state(0))
+        assert step == 1
+        np.testing.assert_array_equal(state["w"], _state(1)["w"])
+        assert state["epoch"] == 1
+        # Training goes on from step 1: step 2 can be written again.
+        m.save(2, _state(2))
+        step, state = m.restore_latest(_state(0))
+        assert step == 2 and state["epoch"] == 2
+    assert (directory / "corrupt-2").exists()

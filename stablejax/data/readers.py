@@ -28,6 +28,7 @@ from ase import units as _ase_units
 
 from stablejax import units
 from stablejax.data.dataset import Dataset
+from stablejax.files import atomic_write  # noqa: F401 (re-exported)
 
 __all__ = [
     "DataFormatError",
@@ -909,20 +910,3 @@ def load(path, *, format: str | None = None, **options) -> Dataset:
 
 
 # ---------------------------------------------------------------------------- writing
-
-
-def atomic_write(path, write) -> Path:
-    """Writes through a temporary file in the same directory, then renames it in place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path

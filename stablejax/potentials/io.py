@@ -12,6 +12,7 @@ training code or training state.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -52,18 +53,25 @@ def save_model(path, potential_or_config, params, *, overwrite: bool = False) ->
       The absolute path written.
     """
     path = os.path.abspath(os.fspath(path))
-    if os.path.exists(path):
-        if not overwrite:
-            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
-        shutil.rmtree(path)
-    os.makedirs(path)
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
+    # Atomic: everything is written into a temporary sibling directory that is renamed
+    # to `path` only when complete, so a kill never leaves a half-written model there.
+    tmp = f"{path}.tmp-{os.getpid()}"
+    for stale in glob.glob(glob.escape(path) + ".tmp-*"):  # left by a killed save
+        shutil.rmtree(stale, ignore_errors=True)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.makedirs(tmp)
     config = _config_of(potential_or_config)
     meta = {"format": FORMAT, "version": VERSION, "config": config.to_dict()}
-    with open(os.path.join(path, "model.json"), "w") as f:
+    with open(os.path.join(tmp, "model.json"), "w") as f:
         json.dump(meta, f, indent=2, default=_json_default)
     params = jax.tree.map(jnp.asarray, params)
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(os.path.join(path, "params"), params)
+        checkpointer.save(os.path.join(tmp, "params"), params)
+    if os.path.exists(path):
+        shutil.rmtree(path)
+    os.replace(tmp, path)
     return path
 
 

@@ -27,6 +27,9 @@ Example:
 from __future__ import annotations
 
 import os
+import shutil
+import warnings
+import zlib
 from typing import Any
 
 import jax
@@ -40,6 +43,10 @@ _META = "meta"
 _FORMAT_VERSION = 1
 # orbax refuses an empty array item; states made only of Python values carry this.
 _SENTINEL = "format_version"
+
+
+def _checksum(x) -> int:
+    return zlib.crc32(np.ascontiguousarray(np.asarray(x)).tobytes())
 
 
 def _is_typed_key(x) -> bool:
@@ -129,6 +136,8 @@ class CheckpointManager:
             "treedef": str(treedef),
             "kinds": kinds,
             "python_values": python_values,
+            # CRC32 of every array's bytes: a flipped bit on disk is detected on restore.
+            "checksums": {k: [_checksum(v), str(np.asarray(v).dtype)] for k, v in arrays.items()},
         }
         saved = self._manager.save(
             step,
@@ -200,6 +209,15 @@ class CheckpointManager:
         restored_arrays = self._manager.restore(
             step, args=ocp.args.Composite(**{_ARRAYS: ocp.args.StandardRestore(template_arrays)})
         )[_ARRAYS]
+        for name, (crc, dtype) in meta.get("checksums", {}).items():
+            value = restored_arrays.get(name)
+            if value is None or str(np.asarray(value).dtype) != dtype:
+                continue  # restored into another dtype on purpose: nothing to compare
+            if _checksum(value) != crc:
+                raise ValueError(
+                    f"checkpoint step {step} in {self.directory}: array {name} does not match "
+                    "its checksum (corrupted on disk)"
+                )
         out = []
         for i, (leaf, kind) in enumerate(zip(leaves, template_kinds, strict=True)):
             name = _leaf_name(i)
@@ -217,11 +235,37 @@ class CheckpointManager:
         return jax.tree_util.tree_unflatten(treedef, out)
 
     def restore_latest(self, template: PyTree) -> tuple[int, PyTree] | None:
-        """(step, state) of the newest checkpoint, or None when nothing is saved (fresh run)."""
-        step = self.latest_step()
-        if step is None:
+        """(step, state) of the newest intact checkpoint, or None when nothing is saved.
+
+        A checkpoint that cannot be read (truncated metadata, missing or corrupted array
+        files, a checksum mismatch) is moved aside to `corrupt-<step>` with a warning
+        naming it, and the next older one is tried; when none can be read, the error of
+        the newest is raised.
+        """
+        steps = self.all_steps()
+        if not steps:
             return None
-        return step, self.restore(template, step=step)
+        first_error = None
+        for step in reversed(steps):
+            try:
+                return step, self.restore(template, step=step)
+            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint
+                if first_error is None:
+                    first_error = e
+                bad = os.path.join(self.directory, str(step))
+                aside = os.path.join(self.directory, f"corrupt-{step}")
+                warnings.warn(
+                    f"checkpoint {bad} cannot be restored ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0] if str(e) else ''}); moved to {aside}, trying "
+                    "the previous one",
+                    stacklevel=2,
+                )
+                if os.path.exists(bad):
+                    if os.path.exists(aside):
+                        shutil.rmtree(aside)
+                    os.replace(bad, aside)
+                self._manager.reload()
+        raise first_error
 
     # -- lifetime -----------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stablejax.data.readers import atomic_write
+from stablejax.files import atomic_write
 
 __all__ = [
     "params_hash",

@@ -836,13 +836,85 @@ def extra_evaluations(config, potential, models, dataset, test, bonds, eq, mol, 
 # ---------------------------------------------------------------------------------------------
 
 
+# Fields that only change what happens after training: a finished workdir accepts new
+# values for them (the affected evaluations run again); every other field is part of
+# what the workdir's data, models and training state were made with.
+_LATER_STAGE_FIELDS = (
+    "eval.",
+    "stability.eval_criterion",
+    "stability.eval_threshold",
+    "stability.eval_guard",
+    "stability.eval_guard_threshold",
+    "stability.rdf_window_ps",
+    "preset",
+    "reductions",
+    "data.cache_dir",
+)
+# Among those, fields that only add evaluations of their own (eval_<...>/ folders).
+_EXTRA_EVALUATION_FIELDS = ("eval.transfer_temperatures_K", "eval.timestep_study_fs")
+
+
+def _flatten(tree, prefix=""):
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def check_workdir_config(config, workdir) -> list[str]:
+    """Compares `config` with the one stored in `workdir/config.json` (if any).
+
+    Returns the changed later-stage fields (evaluation settings). Raises ValueError
+    naming every other changed field: they would make the workdir's data, models or
+    training state disagree with its config, so they are refused before any work.
+    """
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return []
+    old = _flatten(read_json(path))
+    new = _flatten(json.loads(config.to_json_best_effort()))
+    changed = sorted(
+        k for k in old.keys() | new.keys() if old.get(k, "<absent>") != new.get(k, "<absent>")
+    )
+    later = [k for k in changed if k.startswith(_LATER_STAGE_FIELDS)]
+    refused = [k for k in changed if k not in later]
+    if refused:
+        lines = "\n".join(
+            f"  {k}: {old.get(k, '<absent>')!r} in the workdir, {new.get(k, '<absent>')!r} now"
+            for k in refused
+        )
+        raise ValueError(
+            f"{workdir} holds a run made with other settings, and these fields decide its "
+            f"data, pre-training or StABlE training:\n{lines}\nStart fresh with another "
+            f"--workdir (or delete {workdir}), or run again with the stored values "
+            f"({path}). Evaluation settings (eval.*, stability.eval_*) may change: the "
+            "evaluation then runs again."
+        )
+    return later
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs the study described by `config` in `workdir` (resumable); returns final metrics."""
     validate_config(config)
     workdir = os.path.abspath(os.path.expanduser(workdir))
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
+    changed = check_workdir_config(config, workdir)
+    redo = [
+        k for k in changed if not k.startswith(_EXTRA_EVALUATION_FIELDS + ("preset", "reductions"))
+    ]
+    if redo and os.path.exists(os.path.join(workdir, "eval")):
+        previous = os.path.join(workdir, "previous_eval", time.strftime("%Y%m%d-%H%M%S"))
+        os.makedirs(os.path.dirname(previous), exist_ok=True)
+        os.replace(os.path.join(workdir, "eval"), previous)
+        log(
+            f"evaluation settings changed ({', '.join(redo)}): the evaluation runs again; the "
+            f"previous one is in {previous}"
+        )
+    write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
     t0 = time.time()
     if config.system == "lj":
         return run_lj(config, workdir)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -114,3 +115,42 @@ def test_torn_json_names_its_file(tmp_path):
         read_json(path)
     path.write_text(json.dumps({"a": 1}))
     assert read_json(path) == {"a": 1}
+
+
+@pytest.mark.parametrize(
+    "field, value", [("seed", 7), ("md.n_replicas", 2), ("md.temperature_K", 300.0)]
+)
+def test_changed_training_fields_are_refused_before_any_work(tmp_path, field, value):
+    config = _test_study(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    stored = config.to_json_best_effort(indent=2)
+    (run / "config.json").write_text(stored)
+    changed = config.copy_and_resolve_references()
+    node = changed
+    *parents, leaf = field.split(".")
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+    with pytest.raises(
+        ValueError, match=rf"(?s)other settings.*{re.escape(field)}: .*another --workdir"
+    ):
+        pipeline.run(changed, str(run))
+    assert (run / "config.json").read_text() == stored, "config.json was rewritten"
+    assert sorted(p.name for p in run.iterdir()) == ["config.json"], "work was done"
+
+
+def test_changed_evaluation_fields_rerun_only_the_evaluation(tmp_path):
+    config = _test_study(tmp_path)
+    run = tmp_path / "run"
+    first = pipeline.run(config, str(run))
+    assert first["stable"]["n_replicas"] == 4
+    model_time = os.path.getmtime(run / "models" / "stable" / "model.json")
+    again = config.copy_and_resolve_references()
+    again.eval.n_replicas = 2
+    second = pipeline.run(again, str(run))
+    assert second["stable"]["n_replicas"] == 2
+    assert os.path.getmtime(run / "models" / "stable" / "model.json") == model_time
+    previous = list((run / "previous_eval").iterdir())
+    assert len(previous) == 1 and (previous[0] / "final_metrics.json").exists()
+    assert json.loads((run / "config.json").read_text())["eval"]["n_replicas"] == 2

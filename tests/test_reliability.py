@@ -154,3 +154,23 @@ def test_changed_evaluation_fields_rerun_only_the_evaluation(tmp_path):
     previous = list((run / "previous_eval").iterdir())
     assert len(previous) == 1 and (previous[0] / "final_metrics.json").exists()
     assert json.loads((run / "config.json").read_text())["eval"]["n_replicas"] == 2
+
+
+def test_training_resumes_from_the_previous_checkpoint_when_the_latest_is_corrupt(tmp_path):
+    """A damaged latest checkpoint costs one epoch: the run resumes from the previous one
+    and ends exactly where an uninterrupted run ends."""
+    from test_checkpoint import _flip_array_bytes
+    from test_stable_training import harmonic_bond_dataset, make_trainer, tiny_config
+
+    data = harmonic_bond_dataset()
+    full = make_trainer(tiny_config(max_epochs=5), data, str(tmp_path / "a"))
+    params_full = full.run()
+    first = make_trainer(tiny_config(max_epochs=3), data, str(tmp_path / "b"))
+    first.run()
+    _flip_array_bytes(str(tmp_path / "b" / "checkpoints" / "3"))
+    with pytest.warns(UserWarning, match="cannot be restored"):
+        resumed = make_trainer(tiny_config(max_epochs=5), data, str(tmp_path / "b"))
+    assert resumed.state["epoch"] == 2
+    params = resumed.run()
+    for a, b in zip(jax.tree.leaves(params_full), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

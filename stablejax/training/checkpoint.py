@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import warnings
@@ -43,6 +44,19 @@ _META = "meta"
 _FORMAT_VERSION = 1
 # orbax refuses an empty array item; states made only of Python values carry this.
 _SENTINEL = "format_version"
+
+
+def _not_an_orphaned_read_error(record) -> bool:
+    return "exception was never retrieved" not in record.getMessage()
+
+
+def _quiet_orbax_read_failures() -> None:
+    """A failed orbax restore leaves asyncio read tasks whose errors nobody retrieves;
+    asyncio logs each with a long traceback at garbage collection. Once we have reported
+    the damaged checkpoint ourselves, those repeats are dropped."""
+    logger = logging.getLogger("asyncio")
+    if _not_an_orphaned_read_error not in logger.filters:
+        logger.addFilter(_not_an_orphaned_read_error)
 
 
 def _checksum(x) -> int:
@@ -260,6 +274,7 @@ class CheckpointManager:
                     "the previous one",
                     stacklevel=2,
                 )
+                _quiet_orbax_read_failures()
                 if os.path.exists(bad):
                     if os.path.exists(aside):
                         shutil.rmtree(aside)

@@ -8,6 +8,29 @@ from absl import app, flags
 from ml_collections import config_flags
 
 
+def _route_library_logs(workdir: str) -> None:
+    """Libraries' log records (orbax writes an INFO block per checkpoint) go to
+    WORKDIR/log.txt; the console keeps our progress lines and warnings or worse."""
+    import logging
+    import os
+
+    from absl import logging as absl_logging
+
+    os.makedirs(os.path.expanduser(workdir), exist_ok=True)
+    root = logging.getLogger()
+    root.removeHandler(absl_logging.get_absl_handler())
+    to_file = logging.FileHandler(os.path.join(os.path.expanduser(workdir), "log.txt"))
+    to_file.setLevel(logging.INFO)
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    to_console = logging.StreamHandler(sys.stderr)
+    to_console.setLevel(logging.WARNING)
+    to_console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root.addHandler(to_file)
+    root.addHandler(to_console)
+    root.setLevel(logging.INFO)
+    absl_logging.set_verbosity(absl_logging.INFO)
+
+
 def main(system: str) -> None:
     """Defines the flags and runs the study of `system` (called by experiments/<system>.py)."""
     config_flags.DEFINE_config_file(
@@ -36,6 +59,7 @@ def main(system: str) -> None:
             raise app.UsageError(
                 f"--config is a {config.system!r} config; use experiments/configs/{system}.py"
             )
+        _route_library_logs(flags.FLAGS.workdir)
         try:
             if flags.FLAGS.seeds:
                 pipeline.run_seeds(

@@ -174,3 +174,23 @@ def test_training_resumes_from_the_previous_checkpoint_when_the_latest_is_corrup
     params = resumed.run()
     for a, b in zip(jax.tree.leaves(params_full), jax.tree.leaves(params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_command_line_keeps_library_logs_out_of_the_console(tmp_path):
+    """orbax's INFO blocks (one per checkpoint) go to WORKDIR/log.txt, not the terminal."""
+    from test_stable_training import harmonic_bond_dataset
+
+    path = tmp_path / "ethanol.npz"
+    write_sgdml_npz(path, harmonic_bond_dataset(n_frames=40), energy_unit="eV")
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.aspirin", "--config=experiments/configs/aspirin.py:test",
+         f"--config.data.path={path}", "--config.data.energy_unit=eV",
+         f"--workdir={tmp_path / 'run'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    console = proc.stdout + proc.stderr
+    assert "[stablejax" in console and "median stable time" in console
+    assert "orbax" not in console.lower() and "checkpoint" not in proc.stderr.lower()
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert "orbax" in log.lower()

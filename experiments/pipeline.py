@@ -64,7 +64,13 @@ def log(msg: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-OBSERVABLES = ("distance_histogram", "rdf", "oh_bond_length", "oh_bond_lengths")
+OBSERVABLES = (
+    "distance_histogram",
+    "rdf",
+    "oh_bond_length",
+    "oh_bond_lengths",
+    "min_intermolecular_distance",
+)
 
 # The domain of every numeric field, in one table: (field, kind, low, high, unit/meaning).
 # kind 'int' needs an integer, 'num' any finite number; low/high are inclusive bounds
@@ -528,6 +534,73 @@ def _oh_bonds_by_molecule(species, bonds, mol) -> np.ndarray:
     return oh, np.asarray(slots)
 
 
+def _neighbourhoods_fn(config, mol):
+    """Per-frame neighbourhoods of the localized estimator: molecule m plus its
+    `stable.local_k_nearest` nearest molecules (static when k = 0)."""
+    k = int(config.stable.local_k_nearest)
+    n_mol = int(mol.max()) + 1
+    if k:
+
+        def neighbourhoods(x, frame_box):
+            # Minimum image in this frame's box; molecule centres are first atoms.
+            return neighbourhood_membership(x, mol, box=frame_box, k_nearest=k, num_molecules=n_mol)
+
+        return neighbourhoods
+    single = jnp.asarray(mol[None, :] == np.arange(n_mol)[:, None])
+    return lambda x, frame_box: single
+
+
+def _min_intermolecular_target(config, dataset, train, mol) -> ObservableTarget:
+    """Closest intermolecular atom pair (Å): of the frame (global) or among the
+    neighbourhood's molecules (local; needs stable.local_k_nearest >= 1). The reference is
+    the training frames' mean, computed with the same neighbourhoods."""
+    if mol is None or len(np.unique(mol)) < 2:
+        raise ValueError("observable 'min_intermolecular_distance' needs several molecules")
+    mol = np.asarray(mol)
+    box = dataset.box
+    pairs = stability.intermolecular_pairs(mol)
+    i, j = jnp.asarray(pairs[:, 0]), jnp.asarray(pairs[:, 1])
+
+    def pair_distances(x):
+        d = x[j] - x[i]
+        if box is not None:
+            b = jnp.asarray(box, x.dtype)
+            d = d - b * jnp.round(d / b)
+        return jnp.sqrt(jnp.sum(d * d, axis=-1))
+
+    def fn(x):
+        return jnp.min(pair_distances(x)).reshape(1)
+
+    positions = jnp.asarray(train.positions)
+    if config.stable.estimator != "local":
+        ref = np.asarray(jax.jit(jax.vmap(fn))(positions)).mean(axis=0)
+        return ObservableTarget("min intermolecular distance", ref, observable_fn=fn)
+    if int(config.stable.local_k_nearest) < 1:
+        raise ValueError(
+            "config.stable.local_k_nearest: the local 'min_intermolecular_distance' "
+            "observable needs neighbourhoods of several molecules (>= 1)"
+        )
+
+    def local_fn(x, member_mask):
+        inside = member_mask[i] & member_mask[j]
+        return jnp.min(jnp.where(inside, pair_distances(x), jnp.inf)).reshape(1)
+
+    neighbourhoods = _neighbourhoods_fn(config, mol)
+    frame_box = None if box is None else jnp.asarray(box)
+
+    def per_frame(x):
+        members = neighbourhoods(x, frame_box)
+        return jax.vmap(local_fn, in_axes=(None, 0))(x, members)
+
+    ref = np.asarray(jax.jit(jax.vmap(per_frame))(positions)).mean(axis=(0, 1))
+    return ObservableTarget(
+        "min intermolecular distance",
+        ref,
+        local_observable_fn=local_fn,
+        neighbourhoods=neighbourhoods,
+    )
+
+
 def observable_target(config, dataset, train, bonds, mol) -> ObservableTarget:
     """The training observable and its reference (the training frames' average).
 
@@ -559,6 +632,8 @@ def observable_target(config, dataset, train, bonds, mol) -> ObservableTarget:
 
         ref = np.asarray(jax.jit(jax.vmap(fn))(jnp.asarray(train.positions))).mean(axis=0)
         return ObservableTarget("g(r)", ref, observable_fn=fn)
+    if o.name == "min_intermolecular_distance":
+        return _min_intermolecular_target(config, dataset, train, mol)
     if o.name not in ("oh_bond_length", "oh_bond_lengths"):
         raise ValueError(f"config.observable.name: unknown {o.name!r}")
     if mol is None:
@@ -595,20 +670,7 @@ def observable_target(config, dataset, train, bonds, mol) -> ObservableTarget:
         w = member_mask[bond_atom].astype(b.dtype)
         return (jnp.sum(w * b) / jnp.maximum(jnp.sum(w), 1.0)).reshape(1)
 
-    k = int(config.stable.local_k_nearest)
-    n_mol = int(mol.max()) + 1
-    if k:
-
-        def neighbourhoods(x, frame_box):
-            # Per frame: molecule m plus its k nearest molecules (oxygen distances,
-            # minimum image in this frame's box).
-            return neighbourhood_membership(x, mol, box=frame_box, k_nearest=k, num_molecules=n_mol)
-    else:
-        single = jnp.asarray(mol[None, :] == np.arange(n_mol)[:, None])
-
-        def neighbourhoods(x, frame_box):
-            return single
-
+    neighbourhoods = _neighbourhoods_fn(config, mol)
     return ObservableTarget(name, ref, local_observable_fn=local_fn, neighbourhoods=neighbourhoods)
 
 

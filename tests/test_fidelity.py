@@ -539,3 +539,48 @@ def test_resets_and_learning_start_follow_the_reference(tmp_path):
             t._learning_epoch(key)
         t.state["epoch"] += 1
     assert learn_start is not None, "no learning phase"
+
+
+def _brute_force_min_intermolecular(x, members_row, box):
+    best = np.inf
+    n = len(x)
+    for a in range(n):
+        for b in range(a + 1, n):
+            if a // 3 == b // 3 or not (members_row[a] and members_row[b]):
+                continue
+            d = x[b] - x[a]
+            d -= box * np.round(d / box)
+            best = min(best, np.linalg.norm(d))
+    return best
+
+
+def test_min_intermolecular_distance_observable_matches_brute_force():
+    frames, species, box = _water_frames(n_mol=6, n_frames=2, seed=4)
+    c = water_config.get_config("test")
+    with c.unlocked():
+        c.observable.name = "min_intermolecular_distance"
+        c.stable.local_k_nearest = 2
+    mol = np.repeat(np.arange(6), 3)
+    bonds = np.asarray([(3 * m, 3 * m + h) for m in range(6) for h in (1, 2)])
+    data = Dataset(species=species, positions=frames, energies=np.zeros(2),
+                   forces=np.zeros_like(frames), box=box, source="synthetic")  # fmt: skip
+    target = pipeline.observable_target(c, data, data, bonds, mol)
+    values = []
+    for x in frames:
+        members = np.asarray(target.neighbourhoods(jnp.asarray(x), jnp.asarray(box)))
+        np.testing.assert_array_equal(members, _brute_force_members(x, 2, box))
+        for row in members:
+            got = float(target.local_observable_fn(jnp.asarray(x), jnp.asarray(row))[0])
+            expect = _brute_force_min_intermolecular(x, row, box)
+            assert got == pytest.approx(expect, rel=1e-6)
+            values.append(expect)
+    np.testing.assert_allclose(target.reference, [np.mean(values)], rtol=1e-6)
+    with c.unlocked():
+        c.stable.estimator = "global"
+    glob = pipeline.observable_target(c, data, data, bonds, mol)
+    whole = [_brute_force_min_intermolecular(x, np.ones(18, bool), box) for x in frames]
+    np.testing.assert_allclose(glob.reference, [np.mean(whole)], rtol=1e-6)
+    with c.unlocked():
+        c.stable.estimator, c.stable.local_k_nearest = "local", 0
+    with pytest.raises(ValueError, match="local_k_nearest"):
+        pipeline.observable_target(c, data, data, bonds, mol)

@@ -142,6 +142,7 @@ FIELD_DOMAINS = (
     ("eval.record_every", "int", 1, None, "steps"),
     ("eval.vacf_window", "int", 1, None, "steps"),
     ("eval.n_test_frames", "int", 0, None, "frames"),
+    ("eval.trajectory_frames", "int", 0, None, "frames per replica (0 = none)"),
     ("lj.n_particles", "int", 2, None, ""),
     ("lj.sigma", "num", _GT0, None, "Å"),
     ("lj.epsilon", "num", _GT0, None, "eV"),
@@ -808,6 +809,12 @@ def evaluate(
             observable_settings=obs_settings,
             key=jax.random.PRNGKey(config.seed + 7),
             label=name,
+            trajectory_dir=(
+                os.path.join(workdir, "eval" + suffix, name, "traj")
+                if config.eval.trajectory_frames
+                else None
+            ),
+            trajectory_frames=max(1, int(config.eval.trajectory_frames)),
         )
         if n_test:
             qm_metrics[name] = qm.evaluate(

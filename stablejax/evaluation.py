@@ -296,6 +296,42 @@ def _sym(z: int) -> str:
     return {1: "H", 6: "C", 7: "N", 8: "O"}.get(int(z), str(z))
 
 
+def _write_trajectories(out_dir, kept, species, box, stable_time_ps) -> None:
+    """One extended-XYZ file per replica from the frames kept during evaluation."""
+    import ase
+    import ase.io
+
+    os.makedirs(out_dir, exist_ok=True)
+    pos = np.concatenate(kept["pos"], axis=1)  # [R, K, n, 3]
+    vel = None if any(v is None for v in kept["vel"]) else np.concatenate(kept["vel"], axis=1)
+    boxes = None if any(b is None for b in kept["box"]) else np.concatenate(kept["box"], axis=1)
+    energy = np.concatenate(kept["energy"], axis=1)
+    times = np.concatenate(kept["times"])
+    for r in range(pos.shape[0]):
+        frames = []
+        for f in range(pos.shape[1]):
+            cell = boxes[r, f] if boxes is not None else box
+            atoms = ase.Atoms(
+                numbers=np.asarray(species),
+                positions=pos[r, f],
+                cell=None if cell is None else np.diag(np.asarray(cell, float)),
+                pbc=cell is not None,
+            )
+            if vel is not None:
+                atoms.set_velocities(vel[r, f])
+            atoms.info.update(
+                time_ps=float(times[f]),
+                potential_energy_eV=float(energy[r, f]),
+                stable_time_ps=float(stable_time_ps[r]) if np.isfinite(stable_time_ps[r]) else -1.0,
+                unstable=bool(times[f] >= stable_time_ps[r]),
+            )
+            frames.append(atoms)
+        path = os.path.join(out_dir, f"replica_{r:03d}.extxyz")
+        tmp = path + ".tmp"
+        ase.io.write(tmp, frames, format="extxyz")
+        os.replace(tmp, path)
+
+
 def evaluate_model(
     sim,
     params,
@@ -309,6 +345,8 @@ def evaluate_model(
     key,
     progress: bool = True,
     label: str = "",
+    trajectory_dir: str | None = None,
+    trajectory_frames: int = 100,
 ) -> EvalResult:
     """Long MD of all replicas, judged by every criterion at once.
 
@@ -332,6 +370,13 @@ def evaluate_model(
       key: PRNG key (initial velocities, Langevin noise).
       progress: print a line per segment.
       label: name shown in the progress lines.
+      trajectory_dir: if given, one extended-XYZ file per replica
+        (`replica_<r>.extxyz`, readable with `ase.io.read(path, ":")` and OVITO): up to
+        `trajectory_frames` evenly thinned recorded frames with positions (Å),
+        velocities (Å/ASE time), cell and pbc, and in `info` time_ps,
+        potential_energy_eV, stable_time_ps and `unstable` (True from the replica's
+        combined stable time on).
+      trajectory_frames: frames written per replica (>= 1).
     """
     if isinstance(criteria, StabilityCriterion | EvalCriterion):
         criteria = [criteria]
@@ -421,11 +466,32 @@ def evaluate_model(
             if pending[k] is not None:
                 pending[k] = pending[k][:, n_release:] if k != "times" else pending[k][n_release:]
 
+    keep_every = 0
+    kept: dict[str, list] = {"pos": [], "vel": [], "box": [], "energy": [], "times": []}
+    if trajectory_dir is not None:
+        if trajectory_frames < 1:
+            raise ValueError(f"trajectory_frames must be >= 1; got {trajectory_frames}")
+        keep_every = max(1, -(-(n_steps // settings.record_every) // int(trajectory_frames)))
     while done < n_steps:
         steps = min(seg_steps, n_steps - done)
         steps -= steps % settings.record_every
-        state, traj = sim.run(params, state, steps, record_every=settings.record_every)
+        if keep_every:
+            state, traj = sim.run(
+                params, state, steps, record_every=settings.record_every, record_velocities=True
+            )
+        else:
+            state, traj = sim.run(params, state, steps, record_every=settings.record_every)
         pos = np.asarray(traj.position)  # [R, F, n, 3]
+        if keep_every:
+            index = total_frames + np.arange(pos.shape[1])
+            sel = (index + 1) % keep_every == 0
+            kept["pos"].append(pos[:, sel])
+            kept["vel"].append(None if traj.velocity is None else np.asarray(traj.velocity)[:, sel])
+            kept["box"].append(None if traj.box is None else np.asarray(traj.box)[:, sel])
+            kept["energy"].append(np.asarray(traj.potential_energy)[:, sel])
+            kept["times"].append(
+                (done + settings.record_every * (index[sel] - total_frames + 1)) * dt_ps
+            )
         fbox = None if traj.box is None else np.asarray(traj.box)  # [R, F, 3]
         F = pos.shape[1]
         times = (done + settings.record_every * np.arange(1, F + 1)) * dt_ps
@@ -504,6 +570,8 @@ def evaluate_model(
         else:
             cause.append("criterion")
             which.append(next(k for k, v in first.items() if v[r] == t_comb[r]))
+    if keep_every:
+        _write_trajectories(trajectory_dir, kept, species, box, t_comb)
     by_criterion = {}
     for k, v in first.items():
         t = np.minimum(v, non_finite)

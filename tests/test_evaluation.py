@@ -400,3 +400,60 @@ def test_evaluation_criterion_window_must_be_positive():
             box=None, observable_settings={"r_max": 3.0, "dr": 0.1, "sigma": 0.0},
             key=jax.random.PRNGKey(0), progress=False,
         )  # fmt: skip
+
+
+def test_trajectories_are_written_as_extxyz_with_the_unstable_frame_marked(tmp_path):
+    """Two free carbons, one replica reaches a NaN wall: each replica's thinned trajectory
+    reads back with ASE, times and units are right, and frames from the stable time on
+    carry `unstable`."""
+    import ase.io
+
+    from stablejax import units
+
+    from ase.data import atomic_masses
+
+    dt_fs, force, mass = 0.5, 0.02, float(atomic_masses[6])  # fs, eV/Å, amu
+    species = np.array([6, 6])
+
+    def energy_fn(params, x, edges, box):
+        return jnp.where(x[0, 0] > 0.0, jnp.nan, -force * x[0, 0])
+
+    t_fail = 130 * dt_fs * units.fs
+    x_start = -0.5 * (force / mass) * t_fail**2
+    x0 = np.array([[0.0, 0.0, 0.0], [1.52, 0.0, 0.0]])
+    init = x0[None] + np.array([-1e4, x_start])[:, None, None] * np.array([1.0, 0, 0])
+    sim = md.Simulator(energy_fn, species=species, integrator=md.NVE(dt_fs=dt_fs), chunk_steps=50)
+    settings = EvalSettings(
+        time_ps=0.15, dt_fs=dt_fs, temperature_K=0.0, record_every=10, vacf_window=0
+    )
+    crit = stability.bond_length_criterion(np.array([[0, 1]]), np.array([1.52]), threshold=1e3)
+    out = tmp_path / "traj"
+    res = evaluate_model(
+        sim, None, init, settings=settings, criteria=[crit], species=species, box=None,
+        observable_settings={"r_max": 4.0, "dr": 0.01, "sigma": 0.0},
+        key=jax.random.PRNGKey(0), progress=False, trajectory_dir=str(out), trajectory_frames=10,
+    )  # fmt: skip
+    n_recorded = settings.n_steps // settings.record_every  # 30 frames of 5 fs
+    for r in range(2):
+        frames = ase.io.read(out / f"replica_{r:03d}.extxyz", ":")
+        assert len(frames) == 10  # every 3rd recorded frame
+        times = np.array([a.info["time_ps"] for a in frames])
+        np.testing.assert_allclose(times, 3 * 0.005 * np.arange(1, 11))
+        assert all(a.get_chemical_symbols() == ["C", "C"] for a in frames)
+        assert not frames[0].pbc.any()
+        unstable = np.array([a.info["unstable"] for a in frames])
+        if res.ever_unstable[r]:
+            np.testing.assert_array_equal(unstable, times >= res.stable_time_ps[r])
+            assert unstable.any() and not unstable.all()
+        else:
+            assert not unstable.any()
+    # Replica 0 moves under a constant force from rest: x(t) = x0 + F t^2 / (2 m) (Å, ASE
+    # time), and its velocity is F t / m, both as written in the file.
+    frames = ase.io.read(out / "replica_000.extxyz", ":")
+    for a in frames:
+        t = a.info["time_ps"] * 1000 * units.fs
+        np.testing.assert_allclose(
+            a.positions[0, 0], init[0, 0, 0] + 0.5 * force / mass * t**2, rtol=1e-9
+        )
+        np.testing.assert_allclose(a.get_velocities()[0, 0], force / mass * t, rtol=1e-6)
+    assert n_recorded == 30

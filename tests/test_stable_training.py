@@ -195,6 +195,8 @@ def test_pipeline_test_preset_end_to_end(tmp_path):
     assert info["val_force_mae_continued_meV_per_A"] > 0
     report = (tmp_path / "run" / "eval" / "report.md").read_text()
     assert "baseline_plus" in report
+    for name in ("baseline", "stable", "baseline_plus"):
+        assert (tmp_path / "run" / "eval" / name / "traj" / "replica_000.extxyz").exists()
 
 
 def test_learning_budget_counts_learning_epochs():

@@ -155,6 +155,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.record_every = 200  # steps between recorded frames (time resolution of stable time)
     c.eval.vacf_window = 100  # steps
     c.eval.n_test_frames = 200  # test frames for energy/force MAE
+    # Extended-XYZ trajectory per replica in eval/<model>/traj/ (ase, OVITO), thinned to
+    # this many frames; 0 = none.
+    c.eval.trajectory_frames = 100
     # Also evaluate the control `baseline_plus`: the baseline trained further on the QM
     # loss alone for as many steps and as much time as StABlE spent learning.
     c.eval.baseline_plus = True

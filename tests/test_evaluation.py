@@ -407,10 +407,9 @@ def test_trajectories_are_written_as_extxyz_with_the_unstable_frame_marked(tmp_p
     reads back with ASE, times and units are right, and frames from the stable time on
     carry `unstable`."""
     import ase.io
+    from ase.data import atomic_masses
 
     from stablejax import units
-
-    from ase.data import atomic_masses
 
     dt_fs, force, mass = 0.5, 0.02, float(atomic_masses[6])  # fs, eV/Å, amu
     species = np.array([6, 6])

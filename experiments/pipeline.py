@@ -256,6 +256,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         "'min_nonbonded_distance' needs bonded molecules; the Lennard-Jones fluid has none",
     )
     need(
+        not (
+            config.observable.name == "min_intermolecular_distance"
+            and st.estimator == "local"
+            and st.local_k_nearest < 1
+        ),
+        "stable.local_k_nearest",
+        "the local 'min_intermolecular_distance' observable needs neighbourhoods of several "
+        "molecules (>= 1)",
+    )
+    need(
         config.observable.name not in ("oh_bond_length", "oh_bond_lengths")
         or d.generator in ("water", "")
         or bool(d.path),

@@ -293,3 +293,12 @@ def test_data_sizes_are_checked_after_loading():
     config.data.n_train, config.data.n_val = 15, 2
     train, val, test = pipeline.split(config, data)
     assert (train.n_frames, val.n_frames, test.n_frames) == (15, 2, 3)
+
+
+def test_local_min_intermolecular_observable_needs_neighbours_before_work():
+    from experiments.configs import water as water_config
+
+    config = water_config.get_config("quick")
+    config.stable.local_k_nearest = 0
+    with pytest.raises(ValueError, match=r"config\.stable\.local_k_nearest:"):
+        pipeline.validate_config(config)

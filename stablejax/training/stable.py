@@ -347,14 +347,6 @@ def _stack_states(states):
     return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
 
 
-def _select_replicas(mask, new, old):
-    def pick(a, b):
-        m = jnp.reshape(mask, mask.shape + (1,) * (a.ndim - mask.ndim))
-        return jnp.where(m, a, b)
-
-    return jax.tree.map(pick, new, old)
-
-
 class StableTrainer:
     """Runs StABlE training from pre-trained params; resumable from `workdir`.
 

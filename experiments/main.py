@@ -59,6 +59,12 @@ def main(system: str) -> None:
             raise app.UsageError(
                 f"--config is a {config.system!r} config; use experiments/configs/{system}.py"
             )
+        from stablejax.precision import PRECISIONS, set_precision
+
+        precision = config.get("precision", "float32")
+        if precision not in PRECISIONS:
+            raise app.UsageError(f"--config.precision={precision!r}: choose one of {PRECISIONS}")
+        set_precision(precision)  # before any JAX array of the run is made
         _route_library_logs(flags.FLAGS.workdir)
         try:
             if flags.FLAGS.seeds:

@@ -20,6 +20,15 @@ def base_config() -> ml_collections.ConfigDict:
     # training energies (least squares). It is a constant per composition: no force,
     # trajectory or observable changes; only the energy zero, which training lets drift.
     c.refit_energy_shift = True
+    # Floating-point precision of MD, training and evaluation: "float32" or "float64"
+    # (jax_enable_x64, set by the command line before any JAX array is made). float64
+    # costs ~2-3x the time on CPU and far more on most GPUs; use it to check that a
+    # result does not depend on rounding.
+    c.precision = "float32"
+    # Logging: mirror every metrics.jsonl record (pre-training, StABlE, evaluation) to
+    # TensorBoard under WORKDIR/**/tensorboard/ (needs `pip install "stablejax[tensorboard]"`).
+    c.log = ml_collections.ConfigDict()
+    c.log.tensorboard = False
 
     # --- data -----------------------------------------------------------------
     c.data = ml_collections.ConfigDict()

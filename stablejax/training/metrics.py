@@ -1,5 +1,10 @@
 """Training metrics: a JSON-lines log, a live progress bar, and training-curve plots.
 
+Optionally each record is mirrored to TensorBoard (`tensorboard=True`, needs the
+`tensorboard` extra: `pip install "stablejax[tensorboard]"`): the numeric fields
+become scalars under `<folder of the .jsonl>/tensorboard/`, so `tensorboard
+--logdir WORKDIR` shows pre-training, StABlE and evaluation side by side.
+
 One JSON object per line (per epoch), flushed as it is written, so that a run
 killed at any moment leaves a readable file. A resumed run reopens the file in
 append mode after dropping the records newer than the checkpoint it resumed
@@ -70,6 +75,8 @@ class MetricsWriter:
         records with `record[step_key] > k` (written after that checkpoint by
         the run that died) are dropped first. None keeps everything (plain append).
       step_key: the record field holding the step (epoch) number.
+      tensorboard: also write each record's numeric fields as TensorBoard scalars
+        (step = `record[step_key]`) into `<folder of path>/tensorboard/`.
     """
 
     def __init__(
@@ -78,9 +85,17 @@ class MetricsWriter:
         *,
         resume_step: int | None = None,
         step_key: str = "epoch",
+        tensorboard: bool = False,
     ):
         self.path = os.fspath(path)
         self.step_key = step_key
+        self._tb = (
+            tensorboard_writer(
+                os.path.join(os.path.dirname(os.path.abspath(self.path)), "tensorboard")
+            )
+            if tensorboard
+            else None
+        )
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         if os.path.exists(self.path):
             records = read_metrics(self.path)
@@ -96,18 +111,53 @@ class MetricsWriter:
 
     def write(self, record: Mapping[str, Any]) -> None:
         """Appends `record` (NumPy/jax scalars become Python numbers) and flushes."""
-        line = json.dumps(_to_json_value(dict(record)))
+        values = _to_json_value(dict(record))
+        line = json.dumps(values)
         self._file.write(line + "\n")
         self._file.flush()
+        if self._tb is not None:
+            write_scalars(self._tb, values, step=int(values.get(self.step_key, 0)))
 
     def close(self) -> None:
         self._file.close()
+        if self._tb is not None:
+            self._tb.close()
 
     def __enter__(self) -> MetricsWriter:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def tensorboard_writer(logdir: str | os.PathLike):
+    """A `tensorboardX.SummaryWriter` for `logdir`, or a clear error without the extra."""
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError as err:
+        raise ImportError(
+            "TensorBoard logging (log.tensorboard=True) needs tensorboardX: "
+            'pip install "stablejax[tensorboard]"'
+        ) from err
+    return SummaryWriter(logdir=os.fspath(logdir))
+
+
+def write_scalars(writer, record: Mapping[str, Any], *, step: int, prefix: str = "") -> int:
+    """Writes the finite numeric fields of `record` (nested dicts as `a/b`) as scalars.
+
+    Returns the number of scalars written; strings, lists and booleans are skipped.
+    """
+    n = 0
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            n += write_scalars(writer, value, step=step, prefix=f"{name}/")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            if math.isfinite(value):
+                writer.add_scalar(name, float(value), global_step=step)
+                n += 1
+    writer.flush()
+    return n
 
 
 def format_metrics(record: Mapping[str, Any], keys: Sequence[str] | None = None) -> str:

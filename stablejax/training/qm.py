@@ -106,6 +106,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.edges = "auto"  # 'auto' | 'all_pairs' | 'cutoff' (see module docstring)
     c.max_to_keep = 2  # checkpoints kept on disk
     c.progress = True  # tqdm progress bar
+    c.tensorboard = False  # mirror metrics.jsonl to TensorBoard (needs tensorboardX)
     return c
 
 
@@ -747,7 +748,10 @@ def train_qm(
         if restored is not None:
             state = restored[1]
         writer = MetricsWriter(
-            os.path.join(workdir, "metrics.jsonl"), resume_step=state["epoch"], step_key="epoch"
+            os.path.join(workdir, "metrics.jsonl"),
+            resume_step=state["epoch"],
+            step_key="epoch",
+            tensorboard=cfg.tensorboard,
         )
 
     history = read_metrics(writer.path) if writer is not None else []

@@ -52,7 +52,7 @@ from stablejax.estimator import boltzmann_grad, boltzmann_grad_local, stratified
 from stablejax.potentials.base import Potential, all_pairs_edges
 from stablejax.stability import StabilityCriterion
 from stablejax.training.checkpoint import CheckpointManager
-from stablejax.training.metrics import MetricsWriter, read_metrics
+from stablejax.training.metrics import MetricsWriter, progress_bar, read_metrics
 from stablejax.training.qm import QMFrames, cutoff_edges, make_qm_loss
 
 PyTree = Any
@@ -474,10 +474,12 @@ class StableTrainer:
             if restored is not None:
                 self.state = restored[1]
                 self.state["held"] = np.asarray(self.state["held"], bool)
+            log_cfg = config.get("log") or {}
             self.writer = MetricsWriter(
                 os.path.join(workdir, "metrics.jsonl"),
                 resume_step=int(self.state["epoch"]),
                 step_key="epoch",
+                tensorboard=bool(log_cfg.get("tensorboard", False)),
             )
 
     # ------------------------------------------------------------------ checks
@@ -739,6 +741,23 @@ class StableTrainer:
     def run(self) -> PyTree:
         """Runs epochs until the budget is spent; returns the trained params."""
         st = self.state
+        # A live bar on a terminal; one line per epoch otherwise (logs, CI, nohup).
+        bar = progress_bar(
+            int(self.scfg.max_epochs),
+            desc="StABlE",
+            initial=int(st["epoch"]),
+            disable=not self.progress or None,
+        )
+        try:
+            self._run_epochs(bar)
+        finally:
+            bar.close()
+        if self.ckpt is not None:
+            self.ckpt.wait_until_finished()
+        return st["params"]
+
+    def _run_epochs(self, bar) -> None:
+        st = self.state
         while self.budget_left():
             t0 = time.perf_counter()
             key = jax.random.fold_in(st["key"], int(st["epoch"]))
@@ -753,11 +772,11 @@ class StableTrainer:
                 self.writer.write(record)
             if self.ckpt is not None:
                 self.ckpt.save(int(st["epoch"]), st)
-            if self.progress:
+            if self.progress and bar.disable:
                 print(_progress_line(record, self.scfg.max_epochs), flush=True)
-        if self.ckpt is not None:
-            self.ckpt.wait_until_finished()
-        return st["params"]
+            elif self.progress:
+                bar.set_postfix_str(_progress_line(record, self.scfg.max_epochs, short=True))
+                bar.update(1)
 
     @property
     def history(self) -> list[dict]:
@@ -766,9 +785,9 @@ class StableTrainer:
         return read_metrics(self.writer.path)
 
 
-def _progress_line(record: dict, max_epochs: int) -> str:
-    parts = [
-        f"[StABlE] epoch {record['epoch']}/{max_epochs}",
+def _progress_line(record: dict, max_epochs: int, *, short: bool = False) -> str:
+    parts = [] if short else [f"[StABlE] epoch {record['epoch']}/{max_epochs}"]
+    parts += [
         f"{record['phase']:<10}",
         f"unstable {record['unstable_fraction']:.2f}",
         f"lr {record['lr']:.2e}",
@@ -776,5 +795,6 @@ def _progress_line(record: dict, max_epochs: int) -> str:
     if "observable_loss" in record:
         parts.append(f"L_obs {record['observable_loss']:.3e}")
         parts.append(f"L_QM {record['qm_loss']:.3e}")
-    parts.append(f"{record['wall_time_s']:.0f}s")
+    if not short:
+        parts.append(f"{record['wall_time_s']:.0f}s")
     return " | ".join(parts)

@@ -33,15 +33,16 @@ from stablejax.data import load, sample_initial_conditions, split_dataset
 from stablejax.data import topology as topo
 from stablejax.estimator import neighbourhood_membership, reweight_observable
 from stablejax.evaluation import (
-    EvalCriterion,
     EvalSettings,
     evaluate_model,
+    evaluation_criterion,
     structural_observables,
     write_report,
 )
 from stablejax.files import read_json, write_json, write_text
 from stablejax.potentials import factory, normalization
 from stablejax.potentials import io as model_io
+from stablejax.precision import PRECISIONS, current_precision, set_precision
 from stablejax.training import qm
 from stablejax.training.metrics import plot_training_curves
 from stablejax.training.stable import (
@@ -214,6 +215,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     integrators = ("nve", "langevin", "nose_hoover", "berendsen_npt")
     d, md, st, stab = config.data, config.md, config.stable, config.stability
     choices = (
+        ("precision", config.get("precision", "float32"), PRECISIONS),
         ("data.split", d.split, ("random", "contiguous", "percent")),
         ("md.integrator", md.integrator, integrators),
         ("eval.integrator", config.eval.integrator, integrators),
@@ -359,8 +361,7 @@ def pretrain(config, potential, params, train, val, workdir):
         log(f"pre-trained model loaded from {config.pretrain.checkpoint_path}")
         return loaded
     log(f"QM pre-training on {train.n_frames} frames ({val.n_frames} validation)")
-    cfg = {k: v for k, v in config.pretrain.items() if k in qm.default_config()}
-    cfg["seed"] = int(config.seed)
+    cfg = _qm_train_config(config)
     params, history = qm.train_qm(
         potential, params, train, val, config=cfg, workdir=os.path.join(workdir, "pretrain")
     )
@@ -371,6 +372,17 @@ def pretrain(config, potential, params, train, val, workdir):
             f" meV/Å after {last.get('epoch')} epochs"
         )
     return params
+
+
+def _qm_train_config(config, **overrides) -> dict:
+    """`qm.train_qm`'s settings from the experiment config (pre-training and baseline_plus)."""
+    cfg = {k: v for k, v in config.pretrain.items() if k in qm.default_config()}
+    cfg.update(seed=int(config.seed), tensorboard=_tensorboard_on(config), **overrides)
+    return cfg
+
+
+def _tensorboard_on(config) -> bool:
+    return bool("log" in config and config.log.get("tensorboard", False))
 
 
 def learning_budget(stable_history: list[dict]) -> tuple[int, float]:
@@ -420,8 +432,7 @@ def baseline_plus_model(config, potential, baseline, train, val, workdir):
             f"baseline_plus: {epochs} more QM epochs ({epochs * steps_per_epoch} steps; StABlE "
             f"took {steps} learning steps in {seconds:.0f} s)"
         )
-        cfg = {k: v for k, v in config.pretrain.items() if k in qm.default_config()}
-        cfg.update(seed=int(config.seed), epochs=epochs, patience=0, max_time_s=0.0)
+        cfg = _qm_train_config(config, epochs=epochs, patience=0, max_time_s=0.0)
         more, hist = qm.train_qm(
             potential, baseline, train, val, config=cfg,
             workdir=os.path.join(workdir, "baseline_plus"),
@@ -469,33 +480,27 @@ def refit_shift(config, potential, params, train, label):
     return params
 
 
-CRITERIA = (
-    "bond_length_deviation",
-    "min_intermolecular_distance",
-    "rdf_mae",
-    "min_nonbonded_distance",
-)
+CRITERIA = stability.CRITERIA
 
 
 def make_criterion(name, threshold, dataset, bonds, eq, mol, *, ref_rdfs=None):
-    """The `stability` criterion `name` with `threshold` for this system."""
-    if name == "bond_length_deviation":
-        return stability.bond_length_criterion(bonds, eq, threshold=threshold, box=dataset.box)
-    if name == "min_intermolecular_distance":
-        return stability.intermolecular_distance_criterion(
-            mol, threshold=threshold, box=dataset.box
-        )
-    if name == "min_nonbonded_distance":
-        if bonds is None:
-            raise ValueError("config.stability: 'min_nonbonded_distance' needs a bonded system")
-        return stability.nonbonded_contact_criterion(
-            dataset.n_atoms, bonds, threshold=threshold, box=dataset.box
-        )
-    if name == "rdf_mae":
-        return stability.rdf_mae_criterion(
-            dataset.species, dataset.box, ref_rdfs, threshold=threshold, **RDF_EVAL
-        )
-    raise ValueError(f"config.stability.criterion: unknown {name!r}")
+    """The `stability` criterion `name` with `threshold` for this system
+    (`stability.make_criterion`; RDF-MAE settings `RDF_EVAL`)."""
+    if name not in CRITERIA:
+        raise ValueError(f"config.stability.criterion: unknown {name!r}")
+    if name == "min_nonbonded_distance" and bonds is None:
+        raise ValueError("config.stability: 'min_nonbonded_distance' needs a bonded system")
+    return stability.make_criterion(
+        name,
+        threshold,
+        species=dataset.species,
+        box=dataset.box,
+        bonds=bonds,
+        equilibrium_lengths=eq,
+        molecule_index=mol,
+        reference_rdfs=ref_rdfs,
+        rdf_settings=RDF_EVAL,
+    )
 
 
 def stability_criterion(config, dataset, bonds, eq, mol, *, evaluation=False, ref_rdfs=None):
@@ -514,11 +519,8 @@ def evaluation_criteria(config, dataset, bonds, eq, mol, *, frame_ps, ref_rdfs=N
         specs.append((s.eval_guard, s.eval_guard_threshold))
     out = []
     for name, threshold in specs:
-        window = 1
-        if name == "rdf_mae":
-            window = max(1, int(round(s.rdf_window_ps / frame_ps)))
         crit = make_criterion(name, threshold, dataset, bonds, eq, mol, ref_rdfs=ref_rdfs)
-        out.append(EvalCriterion(crit, window_frames=window))
+        out.append(evaluation_criterion(crit, frame_ps=frame_ps, rdf_window_ps=s.rdf_window_ps))
     return out
 
 
@@ -864,7 +866,28 @@ def evaluate(
         notes=notes,
         extra=extra,
     )
+    if _tensorboard_on(config):
+        _tensorboard_evaluation(os.path.join(out_dir, "tensorboard"), final)
     return final, out_dir
+
+
+def _tensorboard_evaluation(logdir: str, final: dict) -> None:
+    """Each model's survival curve (fraction still stable vs time, step = fs) and its
+    scalar metrics (step 0) as TensorBoard scalars."""
+    from stablejax.training.metrics import tensorboard_writer, write_scalars
+
+    writer = tensorboard_writer(logdir)
+    for name, m in final.items():
+        if not isinstance(m, dict) or "stable_times_ps" not in m:
+            continue
+        times = np.asarray(m["stable_times_ps"], dtype=float)
+        # Replicas never marked unstable (cause None) are censored: stable at every time.
+        censored = np.array([c is None for c in m.get("unstable_cause", [])] or [False])
+        for t in np.linspace(0.0, float(m["max_time_ps"]), 51):
+            frac = float(np.mean((times > t) | censored))
+            writer.add_scalar(f"{name}/fraction_stable", frac, global_step=int(round(t * 1000)))
+        write_scalars(writer, m, step=0, prefix=f"{name}/")
+    writer.close()
 
 
 def reweighted_reference(config, dataset, temperature_K):
@@ -929,6 +952,10 @@ _LATER_STAGE_FIELDS = (
     "reductions",
     "data.cache_dir",
 )
+# Fields that change neither results nor outputs that exist (logging sinks).
+_IGNORED_FIELDS = ("log.",)
+# Fields added after workdirs were written: an absent one had this value.
+_ADDED_FIELD_DEFAULTS = {"precision": "float32"}
 # Among those, fields that only add evaluations of their own (eval_<...>/ folders).
 _EXTRA_EVALUATION_FIELDS = ("eval.transfer_temperatures_K", "eval.timestep_study_fs")
 
@@ -954,10 +981,12 @@ def check_workdir_config(config, workdir) -> list[str]:
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         return []
-    old = _flatten(read_json(path))
-    new = _flatten(json.loads(config.to_json_best_effort()))
+    old = {**_ADDED_FIELD_DEFAULTS, **_flatten(read_json(path))}
+    new = {**_ADDED_FIELD_DEFAULTS, **_flatten(json.loads(config.to_json_best_effort()))}
     changed = sorted(
-        k for k in old.keys() | new.keys() if old.get(k, "<absent>") != new.get(k, "<absent>")
+        k
+        for k in old.keys() | new.keys()
+        if old.get(k, "<absent>") != new.get(k, "<absent>") and not k.startswith(_IGNORED_FIELDS)
     )
     later = [k for k in changed if k.startswith(_LATER_STAGE_FIELDS)]
     refused = [k for k in changed if k not in later]
@@ -995,6 +1024,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         )
     write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
     t0 = time.time()
+    if config.get("precision", "float32") == "float64" and current_precision() != "float64":
+        set_precision("float64")  # the command line sets it before any array is made
+    log(f"precision: {current_precision()}")
     if config.system == "lj":
         return run_lj(config, workdir)
     dataset = load_data(config, workdir)

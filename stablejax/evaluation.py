@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +25,7 @@ import numpy as np
 from stablejax import observables, units
 from stablejax.files import write_json, write_text
 from stablejax.stability import StabilityCriterion
+from stablejax.training.metrics import progress_bar
 
 #: Element pairs of the water RDFs (O-O, O-H, H-H).
 WATER_PAIRS = ((8, 8), (8, 1), (1, 1))
@@ -80,6 +81,17 @@ class EvalCriterion:
     @property
     def name(self) -> str:
         return self.criterion.name
+
+
+def evaluation_criterion(
+    criterion: StabilityCriterion, *, frame_ps: float, rdf_window_ps: float
+) -> EvalCriterion:
+    """`criterion` as the evaluation applies it: per recorded frame, except 'rdf_mae',
+    judged on windows of `rdf_window_ps` (at least one frame of `frame_ps` ps)."""
+    window = 1
+    if criterion.name == "rdf_mae":
+        window = max(1, int(round(rdf_window_ps / frame_ps)))
+    return EvalCriterion(criterion, window_frames=window)
 
 
 @dataclasses.dataclass
@@ -292,6 +304,42 @@ def structural_observables(positions, species, box, *, r_max: float, dr: float, 
     }
 
 
+def reference_observables(
+    positions, species, box, *, observable_settings: Mapping, max_frames: int = 500
+) -> dict:
+    """{name: [bins]} `structural_observables` averaged over reference frames.
+
+    Args:
+      positions: [F, n, 3] Å reference frames (thinned evenly to at most about
+        `max_frames`).
+      species: [n] atomic numbers.
+      box: [3] Å or None.
+      observable_settings: {'r_max', 'dr', 'sigma'} (Å).
+    """
+    positions = np.asarray(positions)
+    frames = jnp.asarray(positions[:: max(1, positions.shape[0] // max_frames)])
+    settings = dict(observable_settings)
+    values = jax.jit(lambda x: structural_observables(x, species, box, **settings))(frames)
+    return {k: np.asarray(v).mean(axis=0) for k, v in values.items()}
+
+
+def reference_rdfs(
+    positions, species, box, *, rdf_settings: Mapping, pairs=WATER_PAIRS, max_frames: int = 500
+) -> dict:
+    """{(a, b): [bins]} element-pair RDFs averaged over reference frames [F, n, 3] Å: the
+    references of the 'rdf_mae' criterion (`stablejax.stability.rdf_mae_criterion`)."""
+    positions = np.asarray(positions)
+    frames = jnp.asarray(positions[:: max(1, positions.shape[0] // max_frames)])
+    return {
+        p: np.asarray(
+            observables.radial_distribution_function(
+                frames, species, box, pair=p, **dict(rdf_settings)
+            )
+        ).mean(axis=0)
+        for p in pairs
+    }
+
+
 def _sym(z: int) -> str:
     return {1: "H", 6: "C", 7: "N", 8: "O"}.get(int(z), str(z))
 
@@ -368,7 +416,7 @@ def evaluate_model(
       box: [3] Å or None.
       observable_settings: {'r_max', 'dr', 'sigma'} (Å) of the structural observables.
       key: PRNG key (initial velocities, Langevin noise).
-      progress: print a line per segment.
+      progress: a progress bar in ps on a terminal, else a line per segment.
       label: name shown in the progress lines.
       trajectory_dir: if given, one extended-XYZ file per replica
         (`replica_<r>.extxyz`, readable with `ase.io.read(path, ":")` and OVITO): up to
@@ -472,6 +520,9 @@ def evaluate_model(
         if trajectory_frames < 1:
             raise ValueError(f"trajectory_frames must be >= 1; got {trajectory_frames}")
         keep_every = max(1, -(-(n_steps // settings.record_every) // int(trajectory_frames)))
+    bar = progress_bar(
+        round(n_steps * dt_ps, 6), desc=f"eval {label}", unit="ps", disable=not progress or None
+    )
     while done < n_steps:
         steps = min(seg_steps, n_steps - done)
         steps -= steps % settings.record_every
@@ -544,15 +595,22 @@ def evaluate_model(
         done += steps
         if progress:
             t_comb = combined()
-            print(
-                f"[eval {label}] {done * dt_ps:8.2f}/{n_steps * dt_ps:.2f} ps | unstable "
-                f"{int(np.isfinite(t_comb).sum())}/{R} ("
+            status = (
+                f"unstable {int(np.isfinite(t_comb).sum())}/{R} ("
                 + ", ".join(f"{k} {int(np.isfinite(v).sum())}" for k, v in first.items())
-                + f", non-finite {int(np.isfinite(non_finite).sum())})",
-                flush=True,
+                + f", non-finite {int(np.isfinite(non_finite).sum())})"
             )
+            if bar.disable:  # not a terminal: one line per segment
+                print(
+                    f"[eval {label}] {done * dt_ps:8.2f}/{n_steps * dt_ps:.2f} ps | {status}",
+                    flush=True,
+                )
+            else:
+                bar.set_postfix_str(status)
+                bar.update(round(steps * dt_ps, 6))
         if finished.all():
             break
+    bar.close()
     # Frames of a trailing partial window: judged by the per-frame criteria only.
     if pending["pos"] is not None:
         release(pending["pos"].shape[1])
@@ -649,8 +707,14 @@ def write_report(
     title: str,
     notes: str = "",
     extra: Mapping | None = None,
+    paired: Sequence[tuple[str, str]] | None = None,
 ) -> dict:
-    """Writes final_metrics.json, survival/observable/VACF plots and report.md."""
+    """Writes final_metrics.json, survival/observable/VACF plots and report.md.
+
+    `paired`: (first, second) model names, each tested as "second vs first" with
+    `paired_stable_time_test`; by default the model 'stable' (else the second model)
+    against every other model.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -669,10 +733,12 @@ def write_report(
     # "stable" when present (the StABlE study: vs baseline, vs baseline_plus), else the
     # second model against the first.
     names = list(results)
-    if len(names) >= 2:
+    if paired is None and len(names) >= 2:
         target = "stable" if "stable" in results else names[1]
+        paired = [(other, target) for other in names if other != target]
+    if paired:
         tests = {}
-        for other in names:
+        for other, target in paired:
             a, b = results[other].stable_time_ps, results[target].stable_time_ps
             if other != target and a.shape == b.shape:
                 tests[f"{target} vs {other}"] = paired_stable_time_test(a, b) | {

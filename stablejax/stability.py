@@ -358,6 +358,83 @@ def rdf_mae_criterion(
     return StabilityCriterion(name="rdf_mae", metric=metric, threshold=float(threshold))
 
 
+#: Criterion names understood by `make_criterion`.
+CRITERIA = (
+    "bond_length_deviation",
+    "min_intermolecular_distance",
+    "rdf_mae",
+    "min_nonbonded_distance",
+)
+#: Evaluation threshold of each criterion (Å; RDF-MAE units for 'rdf_mae'): the paper's
+#: (bond deviation 0.5 Å, RDF MAE 3.0), the training one of water (1.2 Å) and ours (0.8 Å).
+EVAL_THRESHOLDS = {
+    "bond_length_deviation": BOND_DEVIATION_EVAL_THRESHOLD,
+    "min_intermolecular_distance": MIN_INTERMOLECULAR_DISTANCE_THRESHOLD,
+    "rdf_mae": RDF_MAE_THRESHOLD,
+    "min_nonbonded_distance": NONBONDED_CONTACT_THRESHOLD,
+}
+#: RDF settings (Å) of the RDF-MAE criterion: as MDsim/StABlE (unsmeared, 0-6 Å).
+RDF_MAE_SETTINGS = {"r_max": 6.0, "dr": 0.01, "sigma": 0.0}
+
+
+def make_criterion(
+    name: str,
+    threshold: float,
+    *,
+    species,
+    box=None,
+    bonds=None,
+    equilibrium_lengths=None,
+    molecule_index=None,
+    reference_rdfs: Mapping[tuple[int, int], jax.Array] | None = None,
+    rdf_settings: Mapping | None = None,
+) -> StabilityCriterion:
+    """The criterion called `name` (one of `CRITERIA`) with `threshold`, for one system.
+
+    Args:
+      name: 'bond_length_deviation' (needs bonds, equilibrium_lengths),
+        'min_intermolecular_distance' (molecule_index), 'min_nonbonded_distance'
+        (bonds), 'rdf_mae' (a box and reference_rdfs).
+      threshold: Å, or RDF-MAE units for 'rdf_mae' (`EVAL_THRESHOLDS` has defaults).
+      species: [n] atomic numbers.
+      box: [3] Å orthorhombic box, or None (free space).
+      bonds: [b, 2] int (`stablejax.data.topology.find_bonds`).
+      equilibrium_lengths: [b] Å (`stablejax.data.topology.equilibrium_bond_lengths`).
+      molecule_index: [n] int molecule label per atom (`stablejax.data.topology.molecules`).
+      reference_rdfs: {(a, b): [n_bins] reference g_ab(r)} on `rdf_settings`' bins.
+      rdf_settings: {'r_max', 'dr', 'sigma'} (Å) of 'rdf_mae'; default `RDF_MAE_SETTINGS`.
+
+    Example:
+      >>> crit = make_criterion('bond_length_deviation', 0.5, species=z, bonds=bonds,
+      ...                       equilibrium_lengths=eq)
+      >>> crit.is_unstable(frames)  # [..., n, 3] -> [...] bool
+    """
+
+    def need(value, what):
+        if value is None:
+            raise ValueError(f"stability criterion {name!r} needs {what}")
+
+    if name == "bond_length_deviation":
+        need(bonds, "the bonds of the system")
+        need(equilibrium_lengths, "equilibrium bond lengths")
+        return bond_length_criterion(bonds, equilibrium_lengths, threshold=threshold, box=box)
+    if name == "min_intermolecular_distance":
+        need(molecule_index, "the molecule of every atom")
+        return intermolecular_distance_criterion(molecule_index, threshold=threshold, box=box)
+    if name == "min_nonbonded_distance":
+        need(bonds, "a bonded system")
+        return nonbonded_contact_criterion(
+            len(np.asarray(species)), bonds, threshold=threshold, box=box
+        )
+    if name == "rdf_mae":
+        need(box, "a periodic box")
+        need(reference_rdfs, "reference RDFs")
+        return rdf_mae_criterion(
+            species, box, reference_rdfs, threshold=threshold, **(rdf_settings or RDF_MAE_SETTINGS)
+        )
+    raise ValueError(f"unknown stability criterion {name!r}; choose one of {CRITERIA}")
+
+
 # ------------------------------------------------------------ first passage, survival
 
 

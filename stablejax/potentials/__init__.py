@@ -6,7 +6,15 @@ checks for tests live in `stablejax.potentials.testing`; the ASE calculator in
 `stablejax.potentials.ase_calculator`.
 """
 
-from stablejax.potentials.base import Potential, all_pairs_edges, edge_vectors, safe_norm
+from stablejax.potentials.base import (
+    Potential,
+    all_pairs_edges,
+    cutoff_fits_cell,
+    edge_vectors,
+    minimum_image,
+    perpendicular_widths,
+    safe_norm,
+)
 from stablejax.potentials.factory import (
     build,
     check_species,
@@ -26,6 +34,7 @@ __all__ = [
     "all_pairs_edges",
     "build",
     "check_species",
+    "cutoff_fits_cell",
     "default_config",
     "edge_vectors",
     "fit_energy_normalization",
@@ -33,6 +42,8 @@ __all__ = [
     "fit_energy_shift",
     "from_module",
     "load_model",
+    "minimum_image",
+    "perpendicular_widths",
     "safe_norm",
     "save_model",
     "species_indices",

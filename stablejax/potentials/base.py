@@ -11,8 +11,12 @@ Arguments shared by all functions:
              change neither energies nor gradients. Dense free-space edges come
              from `all_pairs_edges(n)`; periodic ones from a jax-md Sparse
              neighbour list (`neighbors.idx`), whose padding value is also n.
-  box:       [3] Å side lengths of an orthorhombic periodic box, or None for
-             free space (molecules). Displacements use the minimum image.
+  box:       [3] Å side lengths of an orthorhombic periodic box, [3, 3] Å
+             cell matrix with the lattice vectors as rows (ASE convention;
+             any triclinic cell), or None for free space (molecules).
+             Displacements use the minimum image (`minimum_image`), which
+             is exact when the cutoff is below half the smallest
+             perpendicular width of the cell (`cutoff_fits_cell`).
 
 Energies are in eV, forces in eV/Å; forces are always -grad of the total
 energy (no direct force heads).
@@ -39,7 +43,7 @@ class Potential:
       name: model name ('schnet', 'nequip', 'gemnet_t', 'lennard_jones', 'pair_mlp').
       config: the ml_collections.ConfigDict it was built from.
       cutoff: interaction cutoff in Å (neighbour lists must use at least this).
-      init: (key, species [n], positions [n,3], box [3] | None) -> params.
+      init: (key, species [n], positions [n,3], box [3] | [3,3] | None) -> params.
       per_atom_energies: (params, species, positions, edges, box) -> [n] eV.
     """
 
@@ -69,13 +73,85 @@ def all_pairs_edges(n_atoms: int) -> np.ndarray:
     return np.stack([i, j]).astype(np.int32)
 
 
+def minimum_image(d: jax.Array, box) -> jax.Array:
+    """Minimum-image displacements: the periodic image of `d` nearest the origin.
+
+    The one place in stablejax.potentials that applies periodic boundaries.
+    An orthorhombic box costs one round per component; a general cell goes
+    through fractional coordinates, s = d inv(cell), s -= round(s),
+    d = s cell. For a triclinic cell rounding picks the nearest image
+    whenever |d_min| < half the smallest perpendicular width (since
+    |s_i| <= |d| / width_i < 1/2), which `cutoff_fits_cell` checks.
+
+    Args:
+      d: [..., 3] Å displacements.
+      box: [3] Å orthorhombic side lengths, or [3, 3] Å cell with the
+        lattice vectors as rows (ASE convention).
+
+    Returns:
+      [..., 3] Å minimum-image displacements.
+
+    Example:
+      >>> cell = jnp.array([[4.0, 0, 0], [2.0, 4.0, 0], [0, 0, 5.0]])
+      >>> minimum_image(jnp.array([3.5, 0.5, 0.0]), cell)  # -> [-0.5, 0.5, 0.]
+    """
+    box = jnp.asarray(box, dtype=d.dtype)
+    if box.shape == (3,):
+        return d - box * jnp.round(d / box)
+    if box.shape != (3, 3):
+        raise ValueError(f"box must be [3] or [3, 3] (Å), got shape {box.shape}.")
+    s = d @ jnp.linalg.inv(box)
+    return (s - jnp.round(s)) @ box
+
+
+def cell_matrix(box) -> np.ndarray:
+    """[3, 3] Å cell matrix (lattice vectors as rows) of a [3] or [3, 3] box (host-side)."""
+    box = np.asarray(box, dtype=np.float64)
+    if box.shape == (3,):
+        return np.diag(box)
+    if box.shape != (3, 3):
+        raise ValueError(f"box must be [3] or [3, 3] (Å), got shape {box.shape}.")
+    return box
+
+
+def perpendicular_widths(box) -> np.ndarray:
+    """[3] Å distances between opposite faces of the cell (host-side).
+
+    width_i = V / |a_j x a_k| for the lattice vectors a (rows of the cell);
+    equal to the side lengths for an orthorhombic box.
+
+    Args:
+      box: [3] Å side lengths or [3, 3] Å cell (lattice vectors as rows).
+    """
+    cell = cell_matrix(box)
+    volume = abs(np.linalg.det(cell))
+    areas = np.linalg.norm(np.cross(np.roll(cell, -1, axis=0), np.roll(cell, -2, axis=0)), axis=1)
+    if volume <= 0 or np.any(areas <= 0):
+        raise ValueError(f"Degenerate periodic cell (volume {volume} Å^3):\n{cell}")
+    return volume / areas
+
+
+def cutoff_fits_cell(cutoff: float, box) -> bool:
+    """Whether minimum-image edges are exact: cutoff < half the smallest perpendicular width.
+
+    Then every pair within `cutoff` has exactly one periodic image within it,
+    the one `minimum_image` returns; otherwise use a supercell.
+
+    Args:
+      cutoff: Å.
+      box: [3] Å side lengths or [3, 3] Å cell (lattice vectors as rows).
+    """
+    return bool(cutoff < 0.5 * perpendicular_widths(box).min())
+
+
 def edge_vectors(positions: jax.Array, edges: jax.Array, box=None):
     """Edge vectors r_j - r_i (minimum image when box is given) and a validity mask.
 
     Args:
       positions: [n, 3] Å.
       edges: [2, e] int32, padding value n.
-      box: [3] Å or None.
+      box: [3] Å orthorhombic side lengths, [3, 3] Å cell (lattice vectors as
+        rows), or None (free space).
 
     Returns:
       (vectors [e, 3] Å, mask [e] bool). Padded edges get a safe non-zero dummy
@@ -88,8 +164,7 @@ def edge_vectors(positions: jax.Array, edges: jax.Array, box=None):
     jj = jnp.where(mask, j, 0)
     d = positions[jj] - positions[ii]
     if box is not None:
-        box = jnp.asarray(box)
-        d = d - box * jnp.round(d / box)
+        d = minimum_image(d, box)
     dummy = jnp.array([1.0, 0.0, 0.0], dtype=positions.dtype) * 100.0
     d = jnp.where(mask[:, None], d, dummy)
     return d, mask

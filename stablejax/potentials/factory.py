@@ -59,7 +59,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from stablejax.potentials.base import Potential, all_pairs_edges, edge_vectors, safe_norm
+from stablejax.potentials.base import (
+    Potential,
+    all_pairs_edges,
+    edge_vectors,
+    minimum_image,
+    safe_norm,
+)
 
 #: Message-passing architectures built through the module contract above.
 ARCHITECTURES = ("schnet", "nequip", "gemnet_t")
@@ -187,8 +193,7 @@ def _init_edges(positions, box, cutoff: float):
     pos = np.asarray(positions, dtype=np.float64)
     d = pos[None, :, :] - pos[:, None, :]
     if box is not None:
-        b = np.asarray(box, dtype=np.float64)
-        d = d - b * np.round(d / b)
+        d = np.asarray(minimum_image(jnp.asarray(d), box), dtype=np.float64)
     r = np.linalg.norm(d, axis=-1)
     i, j = np.nonzero((r < cutoff) & ~np.eye(n, dtype=bool))
     if i.size == 0:
@@ -224,7 +229,7 @@ def from_module(module: nn.Module, config: ml_collections.ConfigDict) -> Potenti
         return idx, valid, vectors, mask
 
     def init(key, species, positions, box=None):
-        """Params for this potential: (key, species [n], positions [n,3] Å, box [3] Å|None)."""
+        """Params for this potential: (key, species [n], positions [n,3] Å, box [3]|[3,3] Å|None)."""
         if _is_concrete(species):
             check_species(config, species)
         positions = jnp.asarray(positions)

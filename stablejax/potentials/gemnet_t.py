@@ -219,7 +219,7 @@ def max_neighbors_needed(positions: jax.Array, edges: jax.Array, box=None, *, cu
     Args:
       positions: [n, 3] Å.
       edges: [2, e] int32 (e.g. a jax-md Sparse `neighbors.idx`), padding n.
-      box: [3] Å orthorhombic box or None (free space).
+      box: [3] Å orthorhombic box, [3, 3] Å cell (lattice vectors as rows) or None.
       cutoff: Å (the model's `config.cutoff`).
     """
     vectors, mask = edge_vectors(positions, edges, box)

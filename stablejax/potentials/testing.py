@@ -26,7 +26,7 @@ import numpy as np
 from ase.data import atomic_masses
 
 from stablejax import units
-from stablejax.potentials.base import Potential, all_pairs_edges
+from stablejax.potentials.base import Potential, all_pairs_edges, minimum_image
 
 _JITTED: dict[int, tuple] = {}
 
@@ -224,7 +224,7 @@ def check_cutoff_smoothness(
       species: [n] atomic numbers.
       positions: [n, 3] Å; the distance between the two atoms is overwritten.
       moving_atom, anchor_atom: atom indices.
-      box: [3] Å or None.
+      box: [3] Å, [3, 3] Å cell (lattice vectors as rows) or None.
       width: half-width (Å) of the scanned distance window around the cutoff.
       n_points: number of distances.
       energy_atol: eV. force_atol: eV/Å.
@@ -241,7 +241,7 @@ def check_cutoff_smoothness(
     rc = float(potential.cutoff)
     u = positions[moving_atom] - positions[anchor_atom]
     if box is not None:
-        u = u - np.asarray(box) * np.round(u / np.asarray(box))
+        u = np.asarray(minimum_image(jnp.asarray(u), box))
     u = u / np.linalg.norm(u)
     distances = np.linspace(rc - width, rc + width, n_points)
     h = distances[1] - distances[0]
@@ -307,7 +307,7 @@ def check_padding(
     Args:
       potential, params: the potential under test and its params.
       species: [n] atomic numbers. positions: [n, 3] Å.
-      edges: [2, e] int32 (unpadded). box: [3] Å or None.
+      edges: [2, e] int32 (unpadded). box: [3] or [3, 3] Å, or None.
       n_pad: number of padded edges to insert.
       atol: tolerance on energies (eV), forces (eV/Å) and gradients.
 

@@ -2,33 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
-
-
-def _route_library_logs(workdir: str) -> None:
-    """Libraries' log records (orbax writes an INFO block per checkpoint) go to
-    WORKDIR/log.txt; the console keeps our progress lines and warnings or worse."""
-    import logging
-    import os
-
-    from absl import logging as absl_logging
-
-    os.makedirs(os.path.expanduser(workdir), exist_ok=True)
-    root = logging.getLogger()
-    root.removeHandler(absl_logging.get_absl_handler())
-    to_file = logging.FileHandler(os.path.join(os.path.expanduser(workdir), "log.txt"))
-    to_file.setLevel(logging.INFO)
-    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    to_console = logging.StreamHandler(sys.stderr)
-    to_console.setLevel(logging.WARNING)
-    to_console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    root.addHandler(to_file)
-    root.addHandler(to_console)
-    root.setLevel(logging.INFO)
-    absl_logging.set_verbosity(absl_logging.INFO)
 
 
 def main(system: str) -> None:
@@ -52,8 +30,6 @@ def main(system: str) -> None:
     def _run(argv):
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-        from experiments import pipeline
-
         config = flags.FLAGS.config
         if config.system != system:
             raise app.UsageError(
@@ -65,14 +41,18 @@ def main(system: str) -> None:
         if precision not in PRECISIONS:
             raise app.UsageError(f"--config.precision={precision!r}: choose one of {PRECISIONS}")
         set_precision(precision)  # before any JAX array of the run is made
-        _route_library_logs(flags.FLAGS.workdir)
+        from experiments import pipeline
+        from stablejax.logs import console_and_file
+
+        workdir = os.path.expanduser(flags.FLAGS.workdir)
         try:
-            if flags.FLAGS.seeds:
-                pipeline.run_seeds(
-                    config, flags.FLAGS.workdir, pipeline.parse_seeds(flags.FLAGS.seeds)
-                )
-            else:
-                pipeline.run(config, flags.FLAGS.workdir)
+            # Our lines on the console, libraries' records (orbax: one INFO block per
+            # checkpoint) in WORKDIR/log.txt.
+            with console_and_file(os.path.join(workdir, "log.txt")):
+                if flags.FLAGS.seeds:
+                    pipeline.run_seeds(config, workdir, pipeline.parse_seeds(flags.FLAGS.seeds))
+                else:
+                    pipeline.run(config, workdir)
         except ValueError as err:
             if str(err).startswith(("config.", "--seeds")):
                 print(f"error: {err}", file=sys.stderr)

@@ -40,6 +40,7 @@ from stablejax.evaluation import (
     write_report,
 )
 from stablejax.files import read_json, write_json, write_text
+from stablejax.logs import logger
 from stablejax.potentials import factory, normalization
 from stablejax.potentials import io as model_io
 from stablejax.precision import PRECISIONS, current_precision, set_precision
@@ -57,7 +58,8 @@ RDF_EVAL = {"r_max": 6.0, "dr": 0.01, "sigma": 0.0}
 
 
 def log(msg: str) -> None:
-    print(f"[stablejax {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    """One line of the study's progress (`stablejax.logs`: console and WORKDIR/log.txt)."""
+    logger.info(msg)
 
 
 # ---------------------------------------------------------------------------------------------

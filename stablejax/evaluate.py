@@ -30,17 +30,15 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
-import sys
-import time
 from collections.abc import Mapping
 
 import numpy as np
 
 from stablejax import stability
+from stablejax.logs import console_and_file, logger
 
 #: Defaults per kind of system ('molecule', 'water', 'periodic'); see the module docstring.
 SYSTEM_DEFAULTS = {
@@ -312,7 +310,7 @@ def evaluate_saved_models(
                 potential, dataset.species, dataset.box, md_config, integrator=integrator
             )
         if progress:
-            _log(
+            logger.info(
                 f"evaluating {name} ({path}): {s.n_replicas} replicas x {s.time_ps:g} ps at "
                 f"{s.temperature_K:g} K, {s.integrator}, dt {s.dt_fs:g} fs"
             )
@@ -387,50 +385,6 @@ def evaluate_saved_models(
         extra=extra,
         paired=[(names[0], other) for other in names[1:]],
     )
-
-
-def _log(msg: str) -> None:
-    print(f"[stablejax {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-@contextlib.contextmanager
-def library_logs_to(path: str):
-    """Within the block, library log records (orbax writes an INFO block per checkpoint
-    read) go to the file `path`; the console (stderr) keeps warnings and worse. The
-    root logger's handlers, level and absl's verbosity are restored afterwards."""
-    import logging
-
-    from absl import logging as absl_logging
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    root = logging.getLogger()
-    saved_handlers, saved_level = list(root.handlers), root.level
-    saved_verbosity = absl_logging.get_verbosity()
-    # Every handler goes for the block: absl's, and the stderr one that importing orbax
-    # installs through logging.basicConfig when the root logger has none.
-    for h in saved_handlers:
-        root.removeHandler(h)
-    to_file = logging.FileHandler(path)
-    to_file.setLevel(logging.INFO)
-    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    to_console = logging.StreamHandler(sys.stderr)
-    to_console.setLevel(logging.WARNING)
-    to_console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    root.addHandler(to_file)
-    root.addHandler(to_console)
-    root.setLevel(logging.INFO)
-    absl_logging.set_verbosity(absl_logging.INFO)
-    try:
-        yield
-    finally:
-        root.removeHandler(to_file)
-        root.removeHandler(to_console)
-        to_file.close()
-        for h in saved_handlers:
-            if h not in root.handlers:
-                root.addHandler(h)
-        root.setLevel(saved_level)
-        absl_logging.set_verbosity(saved_verbosity)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -574,7 +528,7 @@ def main(argv=None) -> dict:
     options = {"energy_unit": args.energy_unit} if args.energy_unit else {}
     out = os.path.abspath(os.path.expanduser(args.out))
     os.makedirs(out, exist_ok=True)
-    with library_logs_to(os.path.join(out, "log.txt")):
+    with console_and_file(os.path.join(out, "log.txt")):
         try:
             dataset = load(os.path.expanduser(args.data), **options)
         except (DataFormatError, ValueError, TypeError) as err:
@@ -610,7 +564,7 @@ def main(argv=None) -> dict:
             parser.error(str(err))
         progress = not args.quiet
         if progress:
-            _log(
+            logger.info(
                 f"stability check of {', '.join(models)} on {args.data} ({dataset.n_frames} "
                 f"frames of {dataset.n_atoms} atoms, {system_kind(dataset)}); criteria "
                 f"{resolved.criterion} ({resolved.threshold:g})"
@@ -629,19 +583,19 @@ def main(argv=None) -> dict:
             if "not supported by this model" in str(err):  # factory.check_species
                 parser.error(str(err))
             raise
-    if progress:
-        for name in models:
-            m = final[name]
-            _log(
-                f"{name}: median stable time {m['median_stable_time_ps']:.3g} ps (mean "
-                f"{m['mean_stable_time_ps']:.3g} ps, {m['n_unstable']}/{m['n_replicas']} unstable)"
-            )
-        for pair, t in final.get("paired_tests", {}).items():
-            _log(
-                f"paired test {pair}: longer in {t['n_longer']} of {t['n']}, shorter in "
-                f"{t['n_shorter']}, p = {t['p_value']:.3g}"
-            )
-        _log(f"report: {os.path.join(out, 'report.md')}")
+        if progress:
+            for name in models:
+                m = final[name]
+                logger.info(
+                    f"{name}: median stable time {m['median_stable_time_ps']:.3g} ps (mean "
+                    f"{m['mean_stable_time_ps']:.3g} ps, {m['n_unstable']}/{m['n_replicas']} unstable)"
+                )
+            for pair, t in final.get("paired_tests", {}).items():
+                logger.info(
+                    f"paired test {pair}: longer in {t['n_longer']} of {t['n']}, shorter in "
+                    f"{t['n_shorter']}, p = {t['p_value']:.3g}"
+                )
+            logger.info(f"report: {os.path.join(out, 'report.md')}")
     return final
 
 

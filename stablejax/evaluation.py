@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stablejax import observables, units
+from stablejax import geometry, observables, units
 from stablejax.files import write_json, write_text
+from stablejax.logs import logger
 from stablejax.stability import StabilityCriterion
 from stablejax.training.metrics import progress_bar
 
@@ -313,7 +314,7 @@ def reference_observables(
       positions: [F, n, 3] Å reference frames (thinned evenly to at most about
         `max_frames`).
       species: [n] atomic numbers.
-      box: [3] Å or None.
+      box: [3] Å box, [3, 3] Å cell (lattice vectors as rows), or None.
       observable_settings: {'r_max', 'dr', 'sigma'} (Å).
     """
     positions = np.asarray(positions)
@@ -362,7 +363,7 @@ def _write_trajectories(out_dir, kept, species, box, stable_time_ps) -> None:
             atoms = ase.Atoms(
                 numbers=np.asarray(species),
                 positions=pos[r, f],
-                cell=None if cell is None else np.diag(np.asarray(cell, float)),
+                cell=None if cell is None else geometry.cell_matrix(cell),
                 pbc=cell is not None,
             )
             if vel is not None:
@@ -413,7 +414,7 @@ def evaluate_model(
       settings: `EvalSettings`.
       criteria: `EvalCriterion`s (bare `StabilityCriterion`s are per-frame).
       species: [n] atomic numbers.
-      box: [3] Å or None.
+      box: [3] Å box, [3, 3] Å cell (lattice vectors as rows), or None.
       observable_settings: {'r_max', 'dr', 'sigma'} (Å) of the structural observables.
       key: PRNG key (initial velocities, Langevin noise).
       progress: a progress bar in ps on a terminal, else a line per segment.
@@ -543,7 +544,7 @@ def evaluate_model(
             kept["times"].append(
                 (done + settings.record_every * (index[sel] - total_frames + 1)) * dt_ps
             )
-        fbox = None if traj.box is None else np.asarray(traj.box)  # [R, F, 3]
+        fbox = None if traj.box is None else np.asarray(traj.box)  # [R, F, 3] or [R, F, 3, 3]
         F = pos.shape[1]
         times = (done + settings.record_every * np.arange(1, F + 1)) * dt_ps
         # Simulator-level failure: flagged frames, and frames that are not finite.
@@ -575,7 +576,7 @@ def evaluate_model(
             tt = pending["times"][start : start + n_win * w]
             if w > 1:
                 x = x.reshape(R, n_win, w, *x.shape[2:])
-                b = None if b is None else b.reshape(R, n_win, w, 3)
+                b = None if b is None else b.reshape(R, n_win, w, *b.shape[2:])
             flags = np.asarray(
                 check(jnp.asarray(x), None if b is None else jnp.asarray(b))
             )  # [R, n_win]
@@ -601,9 +602,8 @@ def evaluate_model(
                 + f", non-finite {int(np.isfinite(non_finite).sum())})"
             )
             if bar.disable:  # not a terminal: one line per segment
-                print(
-                    f"[eval {label}] {done * dt_ps:8.2f}/{n_steps * dt_ps:.2f} ps | {status}",
-                    flush=True,
+                logger.info(
+                    f"[eval {label}] {done * dt_ps:8.2f}/{n_steps * dt_ps:.2f} ps | {status}"
                 )
             else:
                 bar.set_postfix_str(status)

@@ -194,6 +194,7 @@ def test_command_line_keeps_library_logs_out_of_the_console(tmp_path):
     assert "orbax" not in console.lower() and "checkpoint" not in proc.stderr.lower()
     log = (tmp_path / "run" / "log.txt").read_text()
     assert "orbax" in log.lower()
+    assert "median stable time" in log  # our lines are in the file too
     # The default precision is float32 (no JAX_ENABLE_X64 in this subprocess's env).
     _, params = model_io.load_model(tmp_path / "run" / "models" / "stable")
     assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype("float32")}

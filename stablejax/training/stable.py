@@ -49,6 +49,7 @@ import optax
 
 from stablejax import md, units
 from stablejax.estimator import boltzmann_grad, boltzmann_grad_local, stratified_selection
+from stablejax.logs import logger
 from stablejax.potentials.base import Potential, all_pairs_edges
 from stablejax.stability import StabilityCriterion
 from stablejax.training.checkpoint import CheckpointManager
@@ -553,10 +554,11 @@ class StableTrainer:
         flat = pos.reshape((R * F,) + pos.shape[2:])
         samples = {"positions": flat}
         if self.box is not None:
+            box_shape = self.box.shape  # [3] or [3, 3]
             boxes = (
-                traj.box[:, k - 1 :: k].reshape(R * F, 3)
+                traj.box[:, k - 1 :: k].reshape((R * F,) + box_shape)
                 if traj.box is not None
-                else np.broadcast_to(self.box, (R * F, 3))
+                else np.broadcast_to(self.box, (R * F,) + box_shape)
             )
             finite = np.all(np.isfinite(flat), axis=(1, 2))
             safe = np.where(finite[:, None, None], flat, 0.0)
@@ -773,7 +775,7 @@ class StableTrainer:
             if self.ckpt is not None:
                 self.ckpt.save(int(st["epoch"]), st)
             if self.progress and bar.disable:
-                print(_progress_line(record, self.scfg.max_epochs), flush=True)
+                logger.info(_progress_line(record, self.scfg.max_epochs))
             elif self.progress:
                 bar.set_postfix_str(_progress_line(record, self.scfg.max_epochs, short=True))
                 bar.update(1)

@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from stablejax.geometry import minimum_image
+
 __all__ = [
     "BoltzmannAux",
     "boltzmann_grad",
@@ -569,7 +571,7 @@ def neighbourhood_membership(
       positions: [n, 3] Å.
       molecule_index: [n] int, molecule of each atom (0 .. n_molecules-1, every molecule
         non-empty).
-      box: [3] Å orthorhombic box side lengths, or None for free space.
+      box: [3] Å box, [3, 3] Å cell (lattice vectors as rows), or None for free space.
       k_nearest: number of nearest other molecules added to each neighbourhood (static).
       num_molecules: number of molecules; needed when `molecule_index` is traced.
       centre: 'first_atom' or 'centroid'.
@@ -593,10 +595,7 @@ def neighbourhood_membership(
     atoms_of = mol[None, :] == jnp.arange(num_molecules)[:, None]  # [n_mol, n]
 
     def min_image(d):
-        if box is None:
-            return d
-        b = jnp.asarray(box, positions.dtype)
-        return d - b * jnp.round(d / b)
+        return minimum_image(d, box)
 
     first = jnp.argmax(atoms_of, axis=1)  # first atom of each molecule
     centres = positions[first]

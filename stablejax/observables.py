@@ -38,6 +38,8 @@ import numpy as np
 from jax import lax
 from jax.scipy.special import erf
 
+from stablejax import geometry
+
 # How far (in units of sigma) a pair's Gaussian is integrated; the mass beyond is ~2e-9.
 _SMEAR_TAIL_SIGMAS = 6.0
 
@@ -79,26 +81,27 @@ def bin_edges(r_max: float, dr: float) -> np.ndarray:
 
 
 def _minimum_image(d: jax.Array, box) -> jax.Array:
-    if box is None:
-        return d
-    box = jnp.asarray(box, dtype=d.dtype)
-    return d - box * jnp.round(d / box)
+    return geometry.minimum_image(d, box)
 
 
 def _check_box(box, r_max: float) -> None:
-    """Minimum-image distances are only complete up to half the shortest box side."""
+    """Minimum-image distances are only complete up to half the smallest cell width."""
     if box is None:
         return
     try:
         b = np.asarray(box, dtype=float)
     except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
         return  # traced box (e.g. vmapped NPT boxes): the caller is responsible
-    if b.shape != (3,):
-        raise ValueError(f"box must be [3] orthorhombic side lengths in Å, got shape {b.shape}")
-    if r_max > 0.5 * b.min() + 1e-9:
+    if b.shape not in ((3,), (3, 3)):
         raise ValueError(
-            f"r_max={r_max} Å exceeds half the shortest box side ({0.5 * b.min():.4f} Å); "
-            "minimum-image distances beyond it are incomplete"
+            f"box must be [3] side lengths or a [3, 3] cell (lattice vectors as rows) in Å, "
+            f"got shape {b.shape}"
+        )
+    half = 0.5 * float(geometry.perpendicular_widths(b).min())
+    if r_max > half + 1e-9:
+        raise ValueError(
+            f"r_max={r_max} Å exceeds half the shortest box side (perpendicular width of "
+            f"the cell; {half:.4f} Å); minimum-image distances beyond it are incomplete"
         )
 
 
@@ -193,7 +196,8 @@ def distance_histogram(
       r_max: upper edge of the histogram, Å (paper: 10 for aspirin, 15 for the peptide).
       dr: bin width, Å (paper: 0.02).
       sigma: Gaussian smearing width, Å (paper: 0.01); 0 = plain histogram.
-      box: [3] Å orthorhombic box for minimum-image distances, or None (free space).
+      box: [3] Å box or [3, 3] Å cell (lattice vectors as rows) for minimum-image
+        distances, or None (free space).
 
     Returns:
       [..., n_bins] density in 1/Å at `bin_centers(r_max, dr)`.
@@ -270,7 +274,9 @@ def radial_distribution_function(
     Args:
       positions: [..., n, 3] Å (leading axes are batch axes).
       species: [n] atomic numbers (concrete), or None when pair is None.
-      box: [3] Å orthorhombic box side lengths; r_max must be <= half the shortest side.
+      box: [3] Å box side lengths or [3, 3] Å cell (lattice vectors as rows); r_max
+        must be <= half the smallest perpendicular width. The density uses the
+        cell volume (|det| for a cell).
       pair: (a, b) atomic numbers, order irrelevant ((8, 1) = O-H), or None for all atoms.
       r_max: upper edge of the histogram, Å (water: 6).
       dr: bin width, Å (water: 0.01).
@@ -296,7 +302,7 @@ def radial_distribution_function(
     shell = 4.0 / 3.0 * np.pi * (edges[1:] ** 3 - edges[:-1] ** 3)
 
     def one(x):
-        volume = jnp.prod(jnp.asarray(box, dtype=x.dtype))
+        volume = geometry.cell_volume(jnp.asarray(box, dtype=x.dtype))
         d = _pair_distances(x, i, j, box)
         counts = smeared_histogram(d, n_bins=n_bins, dr=dr, sigma=sigma)
         return multiplicity * counts * volume / (n_ordered * jnp.asarray(shell, x.dtype))
@@ -313,7 +319,7 @@ def bond_lengths(positions: jax.Array, bonds, box=None) -> jax.Array:
     Args:
       positions: [..., n, 3] Å.
       bonds: [b, 2] int atom index pairs (e.g. from `stablejax.data.topology.find_bonds`).
-      box: [3] Å orthorhombic box (minimum image), or None.
+      box: [3] Å box, [3, 3] Å cell (rows), or None (minimum image).
 
     Returns:
       [..., b] bond lengths in Å.
@@ -342,7 +348,7 @@ def mean_bond_length(
       bonds: [b, 2] int atom index pairs.
       species: [n] atomic numbers (concrete).
       pair: (a, b) atomic numbers; a bond matches in either order.
-      box: [3] Å orthorhombic box, or None.
+      box: [3] Å box, [3, 3] Å cell (rows), or None.
 
     Returns:
       [...] mean bond length in Å.

@@ -16,7 +16,8 @@ free space (a replica that folds into itself is unstable even when no bond break
 Metric functions take one frame `[n, 3]` (RDF: one window `[t, n, 3]`) and also any
 leading batch axes (`[replicas, frames, ...]`), returning one value per frame (window).
 The `StabilityCriterion` bundles a metric with its threshold and direction; its
-metric also takes per-frame boxes (`box [..., 3]` with the positions' leading axes,
+metric also takes per-frame boxes (`box [..., 3]` or cells `[..., 3, 3]` with the
+positions' leading axes,
 e.g. NPT trajectories), so minimum images and RDF densities follow each frame's box.
 """
 
@@ -59,7 +60,7 @@ def max_bond_deviation(positions: jax.Array, bonds, equilibrium_lengths, box=Non
       bonds: [b, 2] int atom pairs (`stablejax.data.topology.find_bonds`).
       equilibrium_lengths: [b] Å, mean bond lengths over reference data
         (`stablejax.data.topology.equilibrium_bond_lengths`).
-      box: [3] Å orthorhombic box, or None.
+      box: [3] Å box, [3, 3] Å cell (lattice vectors as rows), or None.
 
     Returns:
       [...] Å; unstable above BOND_DEVIATION_TRAIN_THRESHOLD (0.25) in training and
@@ -112,7 +113,7 @@ def min_intermolecular_distance(
     Args:
       positions: [..., n, 3] Å.
       molecule_index: [n] int molecule label per atom (concrete).
-      box: [3] Å orthorhombic box, or None.
+      box: [3] Å box, [3, 3] Å cell (lattice vectors as rows), or None.
       exclude_pairs: [p, 2] int pairs to ignore, or None.
 
     Returns:
@@ -181,7 +182,8 @@ def max_rdf_mae(
     Args:
       positions: [..., t, n, 3] Å, frames of one or more windows.
       species: [n] atomic numbers (concrete).
-      box: [3] Å orthorhombic box, or one box per frame [..., t, 3] Å (NPT).
+      box: [3] Å box or [3, 3] Å cell (lattice vectors as rows), or one per frame
+        [..., t, 3] / [..., t, 3, 3] Å (NPT).
       reference_rdfs: {(a, b): [n_bins] reference g_ab(r)}, e.g. for `WATER_RDF_PAIRS`.
       r_max, dr, sigma: RDF settings, Å (see `radial_distribution_function`).
       window: frames per window (see `rdf_mae`), or None for one window.
@@ -193,7 +195,9 @@ def max_rdf_mae(
         raise ValueError("reference_rdfs is empty")
 
     def rdf(pair):
-        if np.ndim(box) <= 1:
+        lead = np.shape(positions)[:-2]
+        shared_cell = np.shape(box) == (3, 3) and lead + (3,) != (3, 3)
+        if np.ndim(box) <= 1 or shared_cell:
             return observables.radial_distribution_function(
                 positions, species, box, pair=pair, r_max=r_max, dr=dr, sigma=sigma
             )
@@ -222,7 +226,8 @@ class StabilityCriterion(NamedTuple):
         'rdf_mae', 'min_nonbonded_distance').
       metric: `(positions [..., n, 3] (RDF: [..., t, n, 3]), box=None) -> [...]`. With
         box None the criterion's own box is used; otherwise `box` holds one [3] Å box
-        per frame, with the positions' leading axes (`[..., 3]`; RDF: `[..., t, 3]`).
+        or [3, 3] Å cell per frame, with the positions' leading axes (`[..., 3]` or
+        `[..., 3, 3]`; RDF: `[..., t, 3]` or `[..., t, 3, 3]`).
       threshold: the value at which the metric marks instability (Å).
       unstable_below: True if values below the threshold are unstable (distances),
         False if values above it are (deviations, errors).
@@ -244,13 +249,32 @@ class StabilityCriterion(NamedTuple):
         return values < self.threshold if self.unstable_below else values > self.threshold
 
 
+def _frame_box_shape(box, lead: tuple) -> tuple:
+    """Shape of one frame's box, (3,) or (3, 3), of boxes given for leading axes `lead`.
+
+    Per-frame boxes have shape `lead + (3,)` or `lead + (3, 3)`; a single box
+    [3] or [3, 3] is shared by all frames. The one ambiguous case, a [3, 3]
+    array with `lead == (3,)`, is read as three per-frame [3] boxes.
+    """
+    shape = tuple(np.shape(box))
+    if shape == lead + (3,):
+        return (3,)
+    if shape == lead + (3, 3):
+        return (3, 3)
+    if shape in ((3,), (3, 3)):
+        return shape
+    # Otherwise broadcast against the leading axes (e.g. one box per replica [R, 1, 3]).
+    return (3, 3) if len(shape) == len(lead) + 2 and shape[-2:] == (3, 3) else (3,)
+
+
 def _per_frame_box(fn, positions, box, core_ndim: int = 2):
-    """fn(x [n, 3], box [3]) over the leading axes of positions, one box per frame."""
+    """fn(x, box [3] | [3, 3]) over the leading axes of positions, one box per frame."""
     positions = jnp.asarray(positions)
     lead = positions.shape[:-core_ndim]
-    box = jnp.broadcast_to(jnp.asarray(box, dtype=positions.dtype), lead + (3,))
+    core = _frame_box_shape(box, lead)
+    box = jnp.broadcast_to(jnp.asarray(box, dtype=positions.dtype), lead + core)
     x = positions.reshape((-1,) + positions.shape[-core_ndim:])
-    out = jax.vmap(fn)(x, box.reshape(-1, 3))
+    out = jax.vmap(fn)(x, box.reshape((-1,) + core))
     return out.reshape(lead + out.shape[1:])
 
 
@@ -320,7 +344,7 @@ def nonbonded_contact_criterion(
       n_atoms: number of atoms n.
       bonds: [b, 2] int bonded pairs (`stablejax.data.topology.find_bonds`).
       threshold: Å; unstable below it.
-      box: [3] Å orthorhombic box, or None.
+      box: [3] Å box, [3, 3] Å cell (lattice vectors as rows), or None.
     """
     pairs = intermolecular_pairs(np.arange(int(n_atoms)), exclude_pairs=bonds)
     return _closest_pair_criterion("min_nonbonded_distance", pairs, threshold, box)
@@ -338,7 +362,7 @@ def rdf_mae_criterion(
 ) -> StabilityCriterion:
     """RDF MAE criterion over a window of frames [..., t, n, 3] (unstable above 3.0).
 
-    With per-frame boxes [..., t, 3] (NPT) each frame's RDF is normalised by its own
+    With per-frame boxes [..., t, 3] or [..., t, 3, 3] (NPT) each frame's RDF is normalised by its own
     volume before the window average.
     """
     species = np.asarray(species)
@@ -397,7 +421,7 @@ def make_criterion(
         (bonds), 'rdf_mae' (a box and reference_rdfs).
       threshold: Å, or RDF-MAE units for 'rdf_mae' (`EVAL_THRESHOLDS` has defaults).
       species: [n] atomic numbers.
-      box: [3] Å orthorhombic box, or None (free space).
+      box: [3] Å box, [3, 3] Å cell (lattice vectors as rows), or None (free space).
       bonds: [b, 2] int (`stablejax.data.topology.find_bonds`).
       equilibrium_lengths: [b] Å (`stablejax.data.topology.equilibrium_bond_lengths`).
       molecule_index: [n] int molecule label per atom (`stablejax.data.topology.molecules`).

@@ -16,7 +16,8 @@ class Dataset:
       positions: [m, n, 3] Å (wrapped into the box for periodic data).
       energies: [m] eV, or None when the source has no energies.
       forces: [m, n, 3] eV/Å, or None.
-      box: [3] Å orthorhombic box side lengths, or None for free space.
+      box: [3] Å orthorhombic box side lengths, [3, 3] Å cell (lattice vectors as
+        rows; extended-XYZ/npz data with a triclinic cell), or None for free space.
       velocities: [m, n, 3] Å/(ASE time unit), or None.
       frame_interval_fs: time between consecutive frames in fs, or None when the
         frames are not a trajectory (or the interval is unknown).

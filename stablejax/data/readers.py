@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from ase import units as _ase_units
 
-from stablejax import units
+from stablejax import geometry, units
 from stablejax.data.dataset import Dataset
 from stablejax.files import atomic_write  # noqa: F401 (re-exported)
 
@@ -197,8 +197,15 @@ def _build(
     n = species.shape[0]
     if box is not None:
         box = np.asarray(box, dtype=np.float64)
-        if box.shape != (3,) or not np.all(np.isfinite(box)) or np.any(box <= 0):
-            raise DataFormatError(f"{path}: box must be 3 positive lengths (Å), got {box}")
+        if box.shape == (3, 3) and np.all(np.isfinite(box)):
+            try:
+                geometry.perpendicular_widths(box)
+            except ValueError as e:
+                raise DataFormatError(f"{path}: {e}") from None
+        elif box.shape != (3,) or not np.all(np.isfinite(box)) or np.any(box <= 0):
+            raise DataFormatError(
+                f"{path}: box must be 3 positive lengths or a [3, 3] cell (Å), got {box}"
+            )
     if frame_interval_fs is not None and not (
         np.isfinite(frame_interval_fs) and float(frame_interval_fs) > 0
     ):
@@ -371,7 +378,7 @@ def read_sgdml_npz(
     box = None
     if "lattice" in data:
         lattice = np.asarray(data["lattice"], dtype=np.float64) * r_scale
-        box = _orthorhombic_box(lattice, path)
+        box = _periodic_box(lattice, path)
     if frame_interval_fs is None and "frame_interval_fs" in data:
         frame_interval_fs = float(data["frame_interval_fs"])
     metadata = {
@@ -386,7 +393,7 @@ def read_sgdml_npz(
         metadata["trajectory_starts"] = np.asarray(data["trajectory_starts"], np.int64)
     positions = np.asarray(data["R"], dtype=np.float64) * r_scale
     if box is not None:
-        positions = np.mod(positions, box)
+        positions = geometry.wrap_positions_np(positions, box)
     return _build(
         path,
         species=data["z"],
@@ -431,7 +438,7 @@ def write_sgdml_npz(
     if name is not None:
         arrays["name"] = np.array(name)
     if dataset.box is not None:
-        arrays["lattice"] = np.diag(np.asarray(dataset.box, np.float64))
+        arrays["lattice"] = geometry.cell_matrix(dataset.box)
     if dataset.frame_interval_fs is not None:
         arrays["frame_interval_fs"] = np.array(float(dataset.frame_interval_fs))
     arrays.update(extra or {})
@@ -661,6 +668,11 @@ def write_mdsim_water(
     """
     if dataset.box is None:
         raise ValueError("write_mdsim_water needs a periodic dataset (box is None)")
+    if np.shape(dataset.box) != (3,):
+        raise ValueError(
+            "write_mdsim_water: dataset.box must be [3] orthorhombic side lengths "
+            f"(the MDsim format stores lengths with 90° angles), got shape {np.shape(dataset.box)}"
+        )
     if dataset.energies is None or dataset.forces is None:
         raise ValueError("write_mdsim_water needs energies and forces")
     scale = energy_unit_in_eV(energy_unit)
@@ -699,12 +711,17 @@ def write_mdsim_water(
 _UNIT_HINT_KEYS = ("energy_unit", "energy_units", "e_unit", "units", "unit")
 
 
-def _orthorhombic_box(cell, path) -> np.ndarray:
+def _periodic_box(cell, path) -> np.ndarray:
+    """[3] Å side lengths of a diagonal cell, else the [3, 3] Å cell (lattice vectors as rows)."""
     cell = np.asarray(cell, np.float64)
     off = cell - np.diag(np.diag(cell))
-    if np.any(np.abs(off) > 1e-8 * max(1.0, np.abs(cell).max())):
-        raise DataFormatError(f"{path}: only orthorhombic cells are supported, got\n{cell}")
-    return np.diag(cell).copy()
+    if np.all(np.abs(off) <= 1e-8 * max(1.0, np.abs(cell).max())):
+        return np.diag(cell).copy()
+    try:
+        geometry.perpendicular_widths(cell)
+    except ValueError as e:
+        raise DataFormatError(f"{path}: {e}") from None
+    return cell.copy()
 
 
 def _energy_hint(info: dict) -> str | None:
@@ -741,7 +758,8 @@ def read_ase(
     ``energy_unit='kcal/mol'``.
 
     Returns:
-      A Dataset (periodic when every frame has pbc on all axes and an orthorhombic cell).
+      A Dataset (periodic when every frame has pbc on all axes and the same cell:
+      ``box`` [3] Å for a diagonal cell, else the [3, 3] Å cell).
     """
     import ase.io
 
@@ -801,11 +819,11 @@ def read_ase(
     box = None
     positions = np.stack([a.positions for a in frames]) * r_scale
     if pbc.all():
-        box = _orthorhombic_box(np.asarray(first.cell) * r_scale, path)
+        box = _periodic_box(np.asarray(first.cell) * r_scale, path)
         for i, a in enumerate(frames):
-            if not np.allclose(np.asarray(a.cell) * r_scale, np.diag(box)):
+            if not np.allclose(np.asarray(a.cell) * r_scale, geometry.cell_matrix(box)):
                 raise DataFormatError(f"{path}: frame {i} has a different cell than frame 0")
-        positions = np.mod(positions, box)
+        positions = geometry.wrap_positions_np(positions, box)
     elif pbc.any():
         raise DataFormatError(f"{path}: mixed or partial periodicity {pbc[0]} is not supported")
     velocities = None

@@ -11,6 +11,8 @@ from ase.data import covalent_radii
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from stablejax.geometry import minimum_image_np
+
 #: Default bond tolerance: atoms i, j are bonded if d_ij < scale * (r_i + r_j).
 #: ASE's `natural_cutoffs` (used by MDsim) corresponds to scale 1.0, which misses
 #: ordinary bonds: C-H ~1.09 Å > r_C + r_H = 1.07 Å (it finds only 11-17 of aspirin's
@@ -22,13 +24,7 @@ DEFAULT_BOND_SCALE = 1.2
 
 
 def _displacements(positions: np.ndarray, box) -> np.ndarray:
-    d = positions[None, :, :] - positions[:, None, :]
-    if box is not None:
-        b = np.asarray(box, dtype=float)
-        if b.shape != (3,):
-            raise ValueError(f"box must be [3] orthorhombic side lengths in Å, got {b.shape}")
-        d = d - b * np.round(d / b)
-    return d
+    return minimum_image_np(positions[None, :, :] - positions[:, None, :], box)
 
 
 def find_bonds(species, positions, *, box=None, scale: float = DEFAULT_BOND_SCALE) -> np.ndarray:
@@ -40,7 +36,7 @@ def find_bonds(species, positions, *, box=None, scale: float = DEFAULT_BOND_SCAL
     Args:
       species: [n] atomic numbers.
       positions: [n, 3] Å, one equilibrium-like reference frame.
-      box: [3] Å orthorhombic box (minimum image), or None for free space.
+      box: [3] Å box, [3, 3] Å cell (lattice vectors as rows), or None for free space.
       scale: tolerance factor on the sum of radii (usual range 1.0-1.25; default 1.2,
         see DEFAULT_BOND_SCALE).
 
@@ -93,7 +89,7 @@ def equilibrium_bond_lengths(positions, bonds, box=None) -> np.ndarray:
     Args:
       positions: [m, n, 3] (or [n, 3]) Å reference frames.
       bonds: [b, 2] int atom pairs.
-      box: [3] Å orthorhombic box (minimum image), or None.
+      box: [3] Å box, [3, 3] Å cell (lattice vectors as rows), or None.
 
     Returns:
       [b] mean bond lengths in Å.
@@ -105,7 +101,4 @@ def equilibrium_bond_lengths(positions, bonds, box=None) -> np.ndarray:
     if x.ndim != 3 or x.shape[-1] != 3 or b.ndim != 2 or b.shape[1] != 2:
         raise ValueError(f"expected positions [m, n, 3] and bonds [b, 2]; got {x.shape}, {b.shape}")
     d = x[:, b[:, 1]] - x[:, b[:, 0]]
-    if box is not None:
-        box = np.asarray(box, dtype=float)
-        d = d - box * np.round(d / box)
-    return np.linalg.norm(d, axis=-1).mean(axis=0)
+    return np.linalg.norm(minimum_image_np(d, box), axis=-1).mean(axis=0)

@@ -6,6 +6,8 @@ import os
 
 import numpy as np
 
+from stablejax import geometry
+
 __all__ = ["write_trajectory"]
 
 
@@ -16,7 +18,8 @@ def write_trajectory(path, positions, species, *, box=None, velocities=None, ene
       path: output file; the suffix picks the format (.xyz, .extxyz, .npz).
       positions: [F, n, 3] Å (one replica, e.g. ``traj.position[r]``).
       species: [n] atomic numbers.
-      box: None (free space), [3] Å or [F, 3] Å orthorhombic box(es); sets the
+      box: None (free space), [3] Å or [F, 3] Å orthorhombic box(es), or
+        [3, 3] Å or [F, 3, 3] Å cell(s) (lattice vectors as rows); sets the
         cell and pbc=True.
       velocities: optional [F, n, 3] Å / (ASE time); stored as ASE momenta
         in extxyz, as ``velocities`` in npz.
@@ -36,7 +39,9 @@ def write_trajectory(path, positions, species, *, box=None, velocities=None, ene
         raise ValueError(f"species must be [n]={n}, got {species.shape}")
     boxes = None
     if box is not None:
-        boxes = np.broadcast_to(np.asarray(box, dtype=np.float64), (n_frames, 3))
+        box = np.asarray(box, dtype=np.float64)
+        core = (3, 3) if box.shape[-2:] == (3, 3) and box.shape != (n_frames, 3) else (3,)
+        boxes = np.broadcast_to(box, (n_frames,) + core)
     if velocities is not None:
         velocities = np.asarray(velocities, dtype=np.float64).reshape(positions.shape)
     suffix = os.path.splitext(str(path))[1].lower()
@@ -60,7 +65,7 @@ def write_trajectory(path, positions, species, *, box=None, velocities=None, ene
     for k in range(n_frames):
         atoms = ase.Atoms(numbers=species, positions=positions[k])
         if boxes is not None:
-            atoms.set_cell(np.diag(boxes[k]))
+            atoms.set_cell(geometry.cell_matrix(boxes[k]))
             atoms.set_pbc(True)
         if velocities is not None:
             atoms.set_velocities(velocities[k])

@@ -27,6 +27,14 @@ What we do differently, and why:
   chunk. jax-md 0.2.29 sets its MALFORMED_BOX bit for *valid* boxes when a
   box is passed to ``update`` (inverted predicate), so that bit is ignored.
 
+* General (triclinic) cells. A [3, 3] cell (lattice vectors as rows) goes
+  through the same fractional-coordinate path, u = x inv(cell). jax-md's cell
+  list wants an upper-triangular transformation T (lattice vectors as
+  columns); any cell is a rotation of one, T = cholesky(cell cell^T)^T, which
+  has the same metric (cell cell^T) and hence the same distances between
+  fractional positions, so the list is that of the cell itself. Boxes are
+  [3] or [3, 3] throughout one Simulator, never mixed.
+
 Positions handed to the energy function stay unwrapped (continuous); only the
 cell list sees wrapped fractional coordinates.
 """
@@ -42,6 +50,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax_md import dataclasses, partition, space
 
+from stablejax import geometry
+
 _NEIGHBOR_OVERFLOW = int(partition.PartitionErrorCode.NEIGHBOR_LIST_OVERFLOW)
 _CELL_OVERFLOW = int(partition.PartitionErrorCode.CELL_LIST_OVERFLOW)
 _CELL_TOO_SMALL = int(partition.PartitionErrorCode.CELL_SIZE_TOO_SMALL)
@@ -55,7 +65,7 @@ class NeighborState:
     Attributes:
       edges: [2, e] int32 directed edges, padding value n (jax-md Sparse idx).
       reference: [n, 3] fractional (unwrapped) positions at the last build.
-      reference_box: [3] Å box at the last build.
+      reference_box: [3] Å box or [3, 3] Å cell at the last build.
       error: [] uint8 jax-md PartitionErrorCode bits accumulated since the
         list was last (re)allocated; non-zero means the results are invalid.
     """
@@ -83,6 +93,18 @@ def _wrap(u):
     return jnp.mod(u, 1.0)
 
 
+def _jax_md_box(box):
+    """jax-md's transformation for our box: [3] as is, a [3, 3] cell as upper-triangular T."""
+    if not geometry.is_cell(box):
+        return box
+    return jnp.linalg.cholesky(box @ box.T).T
+
+
+def _smallest_width(boxes) -> np.ndarray:
+    """[R] smallest perpendicular width (Å) of each [3] box or [3, 3] cell."""
+    return np.array([geometry.perpendicular_widths(b).min() for b in boxes])
+
+
 def make_layout(cutoff: float, skin: float, positions, boxes, cell_capacity=None):
     """Allocate a jax-md list on the replica with the smallest box to fix static shapes.
 
@@ -90,7 +112,7 @@ def make_layout(cutoff: float, skin: float, positions, boxes, cell_capacity=None
       cutoff: interaction cutoff in Å.
       skin: extra list radius in Å.
       positions: [R, n, 3] Å.
-      boxes: [R, 3] Å.
+      boxes: [R, 3] Å boxes or [R, 3, 3] Å cells (lattice vectors as rows).
       cell_capacity: override of the cell-list capacity (grown on overflow).
 
     Returns:
@@ -98,12 +120,13 @@ def make_layout(cutoff: float, skin: float, positions, boxes, cell_capacity=None
     """
     positions = np.asarray(positions)
     boxes = np.asarray(boxes)
-    r = int(np.argmin(boxes.min(axis=1)))
+    r = int(np.argmin(_smallest_width(boxes)))
     box = jnp.asarray(boxes[r])
-    displacement, _ = space.periodic_general(box, fractional_coordinates=True)
+    jbox = _jax_md_box(box)
+    displacement, _ = space.periodic_general(jbox, fractional_coordinates=True)
     fns = partition.neighbor_list(
         displacement,
-        box,
+        jbox,
         r_cutoff=cutoff + skin,
         dr_threshold=0.0,
         format=partition.NeighborListFormat.Sparse,
@@ -111,7 +134,9 @@ def make_layout(cutoff: float, skin: float, positions, boxes, cell_capacity=None
     )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="scatter inputs have incompatible types")
-        template = fns.allocate(_wrap(jnp.asarray(positions[r]) / box), box=box)
+        x = jnp.asarray(positions[r])
+        u = geometry.to_fractional(x, box) if geometry.is_cell(box) else x / box
+        template = fns.allocate(_wrap(u), box=jbox)
     cap = template.cell_list_capacity
     if cell_capacity is not None and cap is not None:
         cap = max(int(cell_capacity), int(cap))
@@ -133,11 +158,11 @@ def build(layout: NeighborLayout, position, box, capacity: int) -> NeighborState
     Args:
       layout: static layout from ``make_layout``.
       position: [n, 3] Å (unwrapped).
-      box: [3] Å.
+      box: [3] Å box or [3, 3] Å cell (lattice vectors as rows).
       capacity: number of edge slots e.
     """
     n = position.shape[0]
-    u = position / box
+    u = geometry.to_fractional(position, box)
     template = partition.NeighborList(
         idx=jnp.full((2, capacity), n, jnp.int32),
         reference_position=_wrap(u),
@@ -152,7 +177,7 @@ def build(layout: NeighborLayout, position, box, capacity: int) -> NeighborState
     with warnings.catch_warnings():
         # jax-md scatters int64 candidate indices into int32 buffers under x64.
         warnings.filterwarnings("ignore", message="scatter inputs have incompatible types")
-        nbr = layout.fns.update(_wrap(u), template, box=box)
+        nbr = layout.fns.update(_wrap(u), template, box=_jax_md_box(box))
     edges = nbr.idx.astype(jnp.int32)
     if edges.shape[1] < capacity:  # jax-md clips to the number of candidates
         edges = jnp.pad(edges, ((0, 0), (0, capacity - edges.shape[1])), constant_values=n)
@@ -162,9 +187,19 @@ def build(layout: NeighborLayout, position, box, capacity: int) -> NeighborState
 
 def needs_rebuild(layout: NeighborLayout, nbr: NeighborState, position, box):
     """Whether a replica's list may miss a pair within the cutoff (scalar bool)."""
-    u = position / box
-    displacement = jnp.max(jnp.linalg.norm((u - nbr.reference) * box, axis=-1))
-    scale = jnp.min(box / nbr.reference_box)
+    if geometry.is_cell(box):
+        # Fixed cells in practice (no barostat for [3, 3]); the width ratio covers
+        # isotropic scaling like the [3] path below.
+        u = geometry.to_fractional(position, box)
+        displacement = jnp.max(jnp.linalg.norm((u - nbr.reference) @ box, axis=-1))
+        scale = jnp.min(
+            geometry.perpendicular_widths_jnp(box)
+            / geometry.perpendicular_widths_jnp(nbr.reference_box)
+        )
+    else:
+        u = position / box
+        displacement = jnp.max(jnp.linalg.norm((u - nbr.reference) * box, axis=-1))
+        scale = jnp.min(box / nbr.reference_box)
     radius = layout.cutoff + layout.skin
     return scale * radius - 2.0 * displacement < layout.cutoff
 

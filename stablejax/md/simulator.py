@@ -24,7 +24,7 @@ import numpy as np
 from jax import lax
 from jax_md import dataclasses
 
-from stablejax import units
+from stablejax import geometry, units
 from stablejax.md import integrators as _integrators
 from stablejax.md import neighbors as _neighbors
 from stablejax.potentials.base import all_pairs_edges
@@ -50,7 +50,8 @@ class MDState:
       frozen: [R] bool, frozen by the user.
       unstable: [R] bool, frozen because a step went non-finite.
       rng: [R, 2] uint32 PRNG keys (Langevin noise).
-      box: [R, 3] Å orthorhombic box, or None in free space.
+      box: [R, 3] Å orthorhombic boxes, [R, 3, 3] Å cells (lattice vectors as
+        rows), or None in free space.
       virial: [R] eV, dU/ds of U(s R, s box) at s = 1 (Berendsen NPT), else None.
       chain: jax-md Nose-Hoover chain state ([R, chain_length] arrays), or None.
       neighbors: periodic neighbour lists (``neighbors.NeighborState``), or None.
@@ -102,7 +103,7 @@ class Trajectory:
       kinetic_energy: [R, F] eV.
       temperature: [R, F] K (2 K / ((3n - 3) kB)).
       step: [R, F] per-replica step counter at each frame.
-      box: [R, F, 3] Å, or None in free space.
+      box: [R, F, 3] Å or [R, F, 3, 3] Å (cells), or None in free space.
       pressure_bar: [R, F] bar (Berendsen NPT only), else None.
       unstable: [R, F] bool, the replica's ``MDState.unstable`` flag at each frame:
         a step went non-finite at or before this frame, so the frame repeats the
@@ -151,15 +152,17 @@ class Simulator:
 
     Args:
       energy_fn: ``(params, positions [n,3] Å, edges [2,e] int32 (padding n),
-        box [3] Å or None) -> scalar eV`` for one replica; forces are -grad.
+        box [3] Å | [3, 3] Å | None) -> scalar eV`` for one replica; forces are -grad.
       species: [n] atomic numbers (used for masses only; close over them in
         ``energy_fn``).
       masses: [n] amu; default ``ase.data.atomic_masses[species]``.
-      box: [3] Å orthorhombic periodic box, or None for free space (molecules,
-        dense all-pairs edges).
+      box: [3] Å orthorhombic periodic box, [3, 3] Å triclinic cell (lattice
+        vectors as rows, ASE convention; not with ``BerendsenNPT``), or None for
+        free space (molecules, dense all-pairs edges).
       integrator: ``NVE``, ``Langevin``, ``NoseHooverChain`` or ``BerendsenNPT``.
       cutoff: interaction cutoff in Å; required for a periodic box (must be at
-        most half the smallest box side); unused in free space.
+        most half the smallest box side, or perpendicular width of a cell);
+        unused in free space.
       skin: neighbour-list skin in Å (list radius cutoff + skin).
       chunk_steps: steps per jitted chunk (rounded down to a multiple of
         ``record_every``, at least one frame).
@@ -203,8 +206,17 @@ class Simulator:
             raise ValueError(f"masses must be [n]={n} positive amu values")
         if box is not None:
             box = np.asarray(box, dtype=np.float64)
-            if box.shape != (3,) or not np.all(box > 0):
-                raise ValueError(f"box must be [3] positive side lengths in Å, got {box}")
+            if box.shape == (3, 3):
+                geometry.perpendicular_widths(box)  # raises on a degenerate cell
+                if isinstance(integrator, _integrators.BerendsenNPT):
+                    raise ValueError(
+                        "box: BerendsenNPT (isotropic barostat) supports orthorhombic boxes "
+                        "only; pass box as [3] side lengths, not a [3, 3] cell"
+                    )
+            elif box.shape != (3,) or not np.all(box > 0):
+                raise ValueError(
+                    f"box must be [3] positive side lengths or a [3, 3] cell in Å, got {box}"
+                )
             if cutoff is None:
                 raise ValueError("a periodic box needs the interaction cutoff (Å)")
             _check_cutoff(cutoff, box[None])
@@ -335,7 +347,8 @@ class Simulator:
           kT: [R] or scalar eV target thermal energy (``units.kT_from_kelvin``).
           velocities: optional [R, n, 3] Å / (ASE time) initial velocities (used
             as given); default Maxwell-Boltzmann (see ``maxwell_boltzmann_momenta``).
-          box: optional per-replica boxes [R, 3] Å (default the Simulator's box).
+          box: optional per-replica boxes [R, 3] Å (cells [R, 3, 3] Å when the
+            Simulator's box is a cell; default the Simulator's box).
 
         Returns:
           MDState with forces and energies evaluated (one compiled call).
@@ -366,7 +379,9 @@ class Simulator:
         boxes = None
         neighbors = None
         if self.periodic:
-            boxes = np.broadcast_to(self.box if box is None else np.asarray(box), (R, 3))
+            boxes = np.broadcast_to(
+                self.box if box is None else np.asarray(box), (R,) + self.box.shape
+            )
             _check_cutoff(self.cutoff, boxes)
             boxes = jnp.asarray(boxes, dtype)
             neighbors = self._allocate_neighbors(positions, boxes)
@@ -772,12 +787,17 @@ class Simulator:
 
 
 def _check_cutoff(cutoff, boxes, during_run: bool = False):
+    """Boxes [R, 3] or cells [R, 3, 3]: cutoff <= half the smallest perpendicular width."""
     boxes = np.asarray(boxes)
-    smallest = float(boxes.min())
+    if boxes.ndim == 2:
+        smallest = float(boxes.min())
+    else:
+        smallest = min(float(geometry.perpendicular_widths(b).min()) for b in boxes)
     if cutoff > 0.5 * smallest:
         msg = (
-            f"cutoff {cutoff} Å is larger than half the smallest box side ({smallest} Å); "
-            "the minimum-image convention would miss interactions"
+            f"cutoff {cutoff} Å is larger than half the smallest box side ({smallest} Å; "
+            "perpendicular width for a cell); the minimum-image convention would miss "
+            "interactions"
         )
         if during_run:
             msg += " (the Berendsen barostat shrank the box)"

@@ -14,8 +14,8 @@ Arguments shared by all functions:
   box:       [3] Å side lengths of an orthorhombic periodic box, [3, 3] Å
              cell matrix with the lattice vectors as rows (ASE convention;
              any triclinic cell), or None for free space (molecules).
-             Displacements use the minimum image (`minimum_image`), which
-             is exact when the cutoff is below half the smallest
+             Displacements use the minimum image (`stablejax.geometry`),
+             which is exact when the cutoff is below half the smallest
              perpendicular width of the cell (`cutoff_fits_cell`).
 
 Energies are in eV, forces in eV/Å; forces are always -grad of the total
@@ -31,6 +31,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+# The periodic geometry lives in stablejax.geometry; re-exported here so that
+# `from stablejax.potentials.base import minimum_image` keeps working.
+from stablejax.geometry import (  # noqa: F401
+    cell_matrix,
+    cutoff_fits_cell,
+    minimum_image,
+    perpendicular_widths,
+)
 
 Params = Any
 
@@ -71,77 +80,6 @@ def all_pairs_edges(n_atoms: int) -> np.ndarray:
     """Directed edges between all distinct atom pairs: [2, n(n-1)] int32 (free space)."""
     i, j = np.nonzero(~np.eye(n_atoms, dtype=bool))
     return np.stack([i, j]).astype(np.int32)
-
-
-def minimum_image(d: jax.Array, box) -> jax.Array:
-    """Minimum-image displacements: the periodic image of `d` nearest the origin.
-
-    The one place in stablejax.potentials that applies periodic boundaries.
-    An orthorhombic box costs one round per component; a general cell goes
-    through fractional coordinates, s = d inv(cell), s -= round(s),
-    d = s cell. For a triclinic cell rounding picks the nearest image
-    whenever |d_min| < half the smallest perpendicular width (since
-    |s_i| <= |d| / width_i < 1/2), which `cutoff_fits_cell` checks.
-
-    Args:
-      d: [..., 3] Å displacements.
-      box: [3] Å orthorhombic side lengths, or [3, 3] Å cell with the
-        lattice vectors as rows (ASE convention).
-
-    Returns:
-      [..., 3] Å minimum-image displacements.
-
-    Example:
-      >>> cell = jnp.array([[4.0, 0, 0], [2.0, 4.0, 0], [0, 0, 5.0]])
-      >>> minimum_image(jnp.array([3.5, 0.5, 0.0]), cell)  # -> [-0.5, 0.5, 0.]
-    """
-    box = jnp.asarray(box, dtype=d.dtype)
-    if box.shape == (3,):
-        return d - box * jnp.round(d / box)
-    if box.shape != (3, 3):
-        raise ValueError(f"box must be [3] or [3, 3] (Å), got shape {box.shape}.")
-    s = d @ jnp.linalg.inv(box)
-    return (s - jnp.round(s)) @ box
-
-
-def cell_matrix(box) -> np.ndarray:
-    """[3, 3] Å cell matrix (lattice vectors as rows) of a [3] or [3, 3] box (host-side)."""
-    box = np.asarray(box, dtype=np.float64)
-    if box.shape == (3,):
-        return np.diag(box)
-    if box.shape != (3, 3):
-        raise ValueError(f"box must be [3] or [3, 3] (Å), got shape {box.shape}.")
-    return box
-
-
-def perpendicular_widths(box) -> np.ndarray:
-    """[3] Å distances between opposite faces of the cell (host-side).
-
-    width_i = V / |a_j x a_k| for the lattice vectors a (rows of the cell);
-    equal to the side lengths for an orthorhombic box.
-
-    Args:
-      box: [3] Å side lengths or [3, 3] Å cell (lattice vectors as rows).
-    """
-    cell = cell_matrix(box)
-    volume = abs(np.linalg.det(cell))
-    areas = np.linalg.norm(np.cross(np.roll(cell, -1, axis=0), np.roll(cell, -2, axis=0)), axis=1)
-    if volume <= 0 or np.any(areas <= 0):
-        raise ValueError(f"Degenerate periodic cell (volume {volume} Å^3):\n{cell}")
-    return volume / areas
-
-
-def cutoff_fits_cell(cutoff: float, box) -> bool:
-    """Whether minimum-image edges are exact: cutoff < half the smallest perpendicular width.
-
-    Then every pair within `cutoff` has exactly one periodic image within it,
-    the one `minimum_image` returns; otherwise use a supercell.
-
-    Args:
-      cutoff: Å.
-      box: [3] Å side lengths or [3, 3] Å cell (lattice vectors as rows).
-    """
-    return bool(cutoff < 0.5 * perpendicular_widths(box).min())
 
 
 def edge_vectors(positions: jax.Array, edges: jax.Array, box=None):

@@ -59,11 +59,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from stablejax.geometry import cutoff_edges_np, perpendicular_widths
 from stablejax.potentials.base import (
     Potential,
     all_pairs_edges,
     edge_vectors,
-    minimum_image,
     safe_norm,
 )
 
@@ -190,15 +190,12 @@ def _init_edges(positions, box, cutoff: float):
     n = positions.shape[0]
     if not (_is_concrete(positions) and (box is None or _is_concrete(box))):
         return all_pairs_edges(n)
-    pos = np.asarray(positions, dtype=np.float64)
-    d = pos[None, :, :] - pos[:, None, :]
-    if box is not None:
-        d = np.asarray(minimum_image(jnp.asarray(d), box), dtype=np.float64)
-    r = np.linalg.norm(d, axis=-1)
-    i, j = np.nonzero((r < cutoff) & ~np.eye(n, dtype=bool))
-    if i.size == 0:
+    if box is not None and cutoff > 0.5 * perpendicular_widths(np.asarray(box)).min():
+        return all_pairs_edges(n)  # a cell too small for minimum-image edges
+    edges = cutoff_edges_np(positions, cutoff, None if box is None else np.asarray(box))
+    if edges.shape[1] == 0:
         return all_pairs_edges(n)
-    return np.stack([i, j]).astype(np.int32)
+    return edges
 
 
 def from_module(module: nn.Module, config: ml_collections.ConfigDict) -> Potential:

@@ -26,7 +26,8 @@ import numpy as np
 from ase.data import atomic_masses
 
 from stablejax import units
-from stablejax.potentials.base import Potential, all_pairs_edges, minimum_image
+from stablejax.geometry import minimum_image
+from stablejax.potentials.base import Potential, all_pairs_edges
 
 _JITTED: dict[int, tuple] = {}
 

@@ -50,6 +50,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from stablejax import geometry
 from stablejax.data.dataset import Dataset
 from stablejax.potentials import normalization
 from stablejax.potentials.base import Potential, all_pairs_edges
@@ -163,7 +164,7 @@ class QMFrames:
       energies: [m] eV.
       forces: [m, n, 3] eV/Å.
       edges: [2, e] int32 shared by all frames, or [m, 2, e] per frame (padding n).
-      box: [3] Å or None.
+      box: [3] Å, [3, 3] Å cell (lattice vectors as rows), or None.
     """
 
     species: jax.Array
@@ -195,7 +196,7 @@ def cutoff_edges(positions: np.ndarray, cutoff: float, box=None, *, capacity: in
     Args:
       positions: [m, n, 3] Å.
       cutoff: Å.
-      box: [3] Å orthorhombic box or None.
+      box: [3] Å box, [3, 3] Å cell (lattice vectors as rows) or None.
       capacity: edges per frame; None = the largest count over the frames.
 
     Returns:
@@ -203,31 +204,15 @@ def cutoff_edges(positions: np.ndarray, cutoff: float, box=None, *, capacity: in
     """
     positions = np.asarray(positions, dtype=np.float64)
     m, n, _ = positions.shape
-    if box is not None:
-        box = np.asarray(box, dtype=np.float64)
-        if cutoff > 0.5 * float(np.min(box)):
-            raise ValueError(
-                f"cutoff {cutoff} Å exceeds half the shortest box side ({0.5 * np.min(box):.3f} Å): "
-                "minimum-image edge lists would miss periodic images"
-            )
-    per_frame = []
-    off_diagonal = ~np.eye(n, dtype=bool)
-    for frame in positions:
-        d = frame[None, :, :] - frame[:, None, :]
-        if box is not None:
-            d = d - box * np.round(d / box)
-        r2 = np.einsum("ijk,ijk->ij", d, d)
-        i, j = np.nonzero((r2 < cutoff * cutoff) & off_diagonal)
-        per_frame.append((i, j))
-    largest = max(len(i) for i, _ in per_frame)
+    per_frame = [geometry.cutoff_edges_np(frame, cutoff, box) for frame in positions]
+    largest = max(e.shape[1] for e in per_frame)
     if capacity is None:
         capacity = max(largest, 1)
     elif capacity < largest:
         raise ValueError(f"edge capacity {capacity} < largest edge count {largest}")
     edges = np.full((m, 2, capacity), n, dtype=np.int32)
-    for k, (i, j) in enumerate(per_frame):
-        edges[k, 0, : len(i)] = i
-        edges[k, 1, : len(j)] = j
+    for k, e in enumerate(per_frame):
+        edges[k, :, : e.shape[1]] = e
     return edges
 
 

@@ -11,6 +11,7 @@
 import math
 import types
 
+import chex
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
@@ -584,3 +585,44 @@ def test_min_intermolecular_distance_observable_matches_brute_force():
         c.stable.estimator, c.stable.local_k_nearest = "local", 0
     with pytest.raises(ValueError, match="local_k_nearest"):
         pipeline.observable_target(c, data, data, bonds, mol)
+
+
+def test_learning_step_compiles_once_across_steps():
+    """New samples, selections, QM chunk weights, lr and optimizer state never retrace
+    the jitted learning step (chex fails a second trace)."""
+    chex.clear_trace_counter()  # counts are per function code, across tests
+    data = harmonic_bond_dataset(n_frames=12, seed=3)
+    config = tiny_config()
+    potential = factory.build(config.model)
+    pos = jnp.asarray(data.positions)
+    params = potential.init(jax.random.PRNGKey(1), data.species, pos[0], None)
+    fn = lambda x: observables.distance_histogram(x, r_max=10.0, dr=0.02, sigma=0.01)  # noqa: E731
+    target = ObservableTarget("h(r)", np.asarray(jax.vmap(fn)(pos)).mean(0), observable_fn=fn)
+    optimizer = learning_optimizer(1.0, 1e-3)
+    step = make_learning_step(
+        potential,
+        data.species,
+        None,
+        target,
+        optimizer,
+        kT=units.kT_from_kelvin(500.0),
+        qm_weight=1.0,
+        qm_loss=qm.make_qm_loss(potential, energy_weight=0.05, force_weight=0.95),
+        qm_frames=qm.prepare_frames(data, potential, dtype=pos.dtype),
+    )
+    jitted = jax.jit(chex.assert_max_traces(step, n=1))
+    opt_state = optimizer.init(params)
+    rng = np.random.default_rng(0)
+    before = params
+    for i, lr in enumerate((1e-3, 5e-4, 2e-4)):
+        samples = pos[:1] + 0.08 * rng.standard_normal((8,) + pos.shape[1:])
+        selected = jnp.asarray(rng.random(8) < 0.75)
+        qm_idx = jnp.asarray(rng.permutation(12)[:8].reshape(2, 4), jnp.int32)
+        qm_w = jnp.asarray(rng.random((2, 4)) < 0.9, pos.dtype)
+        params, opt_state, metrics = jitted(
+            params, opt_state, {"positions": samples}, selected, qm_idx, qm_w, jnp.asarray(lr)
+        )
+        assert np.isfinite(float(metrics["observable_loss"])), i
+    assert jitted._cache_size() == 1
+    with pytest.raises(AssertionError):  # the params did change
+        chex.assert_trees_all_close(params, before)

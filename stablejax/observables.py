@@ -43,6 +43,10 @@ from stablejax import geometry
 # How far (in units of sigma) a pair's Gaussian is integrated; the mass beyond is ~2e-9.
 _SMEAR_TAIL_SIGMAS = 6.0
 
+#: Element pairs of the water RDFs (O-O, O-H, H-H) used by the RDF criterion and reports;
+#: g_OH = g_HO, so one order is enough.
+WATER_PAIRS = ((8, 8), (8, 1), (1, 1))
+
 
 # --------------------------------------------------------------------------- helpers
 

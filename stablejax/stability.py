@@ -45,8 +45,6 @@ RDF_MAE_THRESHOLD = 3.0
 #: pairs of organic molecules sit at >= 1.5 Å (H-C-H 1-3 distances ~1.8 Å); 0.8 Å is
 #: closer than any covalent bond but H-H (0.74 Å), i.e. an unphysical contact.
 NONBONDED_CONTACT_THRESHOLD = 0.8
-#: Water RDFs checked by the RDF criterion: O-O, H-H, H-O.
-WATER_RDF_PAIRS = ((8, 8), (1, 1), (1, 8))
 
 
 # ------------------------------------------------------------------------- metrics
@@ -184,7 +182,7 @@ def max_rdf_mae(
       species: [n] atomic numbers (concrete).
       box: [3] Å box or [3, 3] Å cell (lattice vectors as rows), or one per frame
         [..., t, 3] / [..., t, 3, 3] Å (NPT).
-      reference_rdfs: {(a, b): [n_bins] reference g_ab(r)}, e.g. for `WATER_RDF_PAIRS`.
+      reference_rdfs: {(a, b): [n_bins] reference g_ab(r)}, e.g. for `observables.WATER_PAIRS`.
       r_max, dr, sigma: RDF settings, Å (see `radial_distribution_function`).
       window: frames per window (see `rdf_mae`), or None for one window.
 

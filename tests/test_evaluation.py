@@ -170,7 +170,7 @@ def test_collapsed_water_is_unstable_under_the_water_evaluation_criteria():
                 **pipeline.RDF_EVAL,
             )
         ).mean(0)
-        for p in stability.WATER_RDF_PAIRS
+        for p in observables.WATER_PAIRS
     }  # fmt: skip
     record_every, dt_fs = 20, 1.0
     frame_ps = record_every * dt_fs / 1000

@@ -151,7 +151,7 @@ def test_rdf_mae_criterion_on_water():
             pair: obs.radial_distribution_function(
                 frames, WATER_SPECIES, BOX, pair=pair, r_max=6.0, dr=0.01, sigma=0.0
             )
-            for pair in st.WATER_RDF_PAIRS
+            for pair in obs.WATER_PAIRS
         }
 
     refs = {p: g.mean(0) for p, g in rdfs(np.stack([water_box(rng) for _ in range(12)])).items()}

@@ -94,23 +94,40 @@ def gaussian_basis(
     return jnp.exp(-0.5 * ((r[..., None] - centres) / width) ** 2)
 
 
-def bessel_basis(r: jax.Array, *, r_cut: float, n_basis: int) -> jax.Array:
-    """Radial Bessel basis sqrt(2/r_cut) sin(k pi r / r_cut) / r, k = 1..n_basis.
+def bessel_basis(
+    r: jax.Array,
+    *,
+    r_cut: float,
+    n_basis: int | None = None,
+    frequencies: jax.Array | None = None,
+    prefactor: float | None = None,
+) -> jax.Array:
+    """Radial Bessel basis prefactor * sin(w_k r / r_cut) / r.
 
-    The fixed-frequency DimeNet/NequIP form. Finite for r > 0; callers pass
-    distances from `base.safe_norm`, which are bounded away from zero.
+    Two normalisations are in use, both from this one function: DimeNet/GemNet's
+    fixed frequencies w_k = k pi (k = 1..n_basis) with prefactor sqrt(2 / r_cut) (the
+    default), and NequIP's trainable frequencies (`frequencies`, initialised at k pi)
+    with prefactor 2 / r_cut. Finite for r > 0; callers pass distances from
+    `base.safe_norm`, which are bounded away from zero.
 
     Args:
       r: [...] distances, Å.
       r_cut: cutoff radius, Å.
-      n_basis: number of basis functions.
+      n_basis: number of fixed-frequency functions (when `frequencies` is None).
+      frequencies: [n_basis] dimensionless w_k (e.g. trainable), instead of k pi.
+      prefactor: 1/Å^(1/2) or 1/Å scale; default sqrt(2 / r_cut).
 
     Returns:
-      [..., n_basis] basis values, 1/Å.
+      [..., n_basis] basis values.
     """
-    k = jnp.arange(1, n_basis + 1, dtype=r.dtype)
+    if frequencies is None:
+        if n_basis is None:
+            raise ValueError("bessel_basis needs n_basis or frequencies")
+        frequencies = jnp.pi * jnp.arange(1, n_basis + 1, dtype=r.dtype)
+    if prefactor is None:
+        prefactor = jnp.sqrt(2.0 / r_cut)
     rr = r[..., None]
-    return jnp.sqrt(2.0 / r_cut) * jnp.sin(k * jnp.pi * rr / r_cut) / rr
+    return prefactor * jnp.sin(frequencies * rr / r_cut) / rr
 
 
 def segment_sum(data: jax.Array, segment_ids: jax.Array, num_segments: int) -> jax.Array:

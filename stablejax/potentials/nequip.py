@@ -45,18 +45,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
-from stablejax.potentials.common import polynomial_envelope
+from stablejax.potentials.common import bessel_basis, polynomial_envelope
 
 __all__ = [
     "NequIP",
     "default_config",
     "make_module",
     "layer_irreps",
-    "bessel_basis",
     "edge_spherical_harmonics",
-    "count_parameters",
 ]
 
 
@@ -103,20 +100,6 @@ def default_config() -> ml_collections.ConfigDict:
     c.residual = True
     c.output_hidden = 16
     return c
-
-
-def bessel_basis(r: jax.Array, frequencies: jax.Array, cutoff: float) -> jax.Array:
-    """Bessel radial basis (2/r_c) sin(w_n r / r_c) / r.
-
-    Args:
-      r: [e] distances, Å; must be strictly positive (callers pass safe values).
-      frequencies: [num_basis] dimensionless w_n (n*pi for the sine series).
-      cutoff: r_c, Å.
-
-    Returns:
-      [e, num_basis] values in 1/Å.
-    """
-    return (2.0 / cutoff) * jnp.sin(frequencies * r[:, None] / cutoff) / r[:, None]
 
 
 def edge_spherical_harmonics(vectors: jax.Array, *, l_max: int) -> e3nn.IrrepsArray:
@@ -310,7 +293,9 @@ class NequIP(nn.Module):
         frequencies = jnp.pi * jnp.arange(1, self.num_basis + 1, dtype=dtype)
         if self.trainable_bessel:
             frequencies = self.param("bessel_frequencies", lambda _: frequencies)
-        radial = bessel_basis(r, frequencies, self.cutoff)
+        radial = bessel_basis(
+            r, r_cut=self.cutoff, frequencies=frequencies, prefactor=2.0 / self.cutoff
+        )
         radial = radial * polynomial_envelope(r, r_cut=self.cutoff, p=self.envelope_p)[:, None]
 
         ones = e3nn.IrrepsArray("0e", jnp.ones((species_idx.shape[0], 1), dtype=dtype))
@@ -374,8 +359,3 @@ def make_module(config: ml_collections.ConfigDict, n_species: int) -> NequIP:
         residual=bool(config.residual),
         output_hidden=int(config.output_hidden),
     )
-
-
-def count_parameters(params) -> int:
-    """Number of scalar parameters in a params pytree."""
-    return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params)))

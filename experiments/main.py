@@ -35,7 +35,18 @@ def main(system: str) -> None:
             raise app.UsageError(
                 f"--config is a {config.system!r} config; use experiments/configs/{system}.py"
             )
+        from stablejax import sharding
         from stablejax.precision import PRECISIONS, set_precision
+
+        try:  # before any other JAX call: it decides what jax.devices() lists
+            sharding.initialize_distributed(
+                config.get("distributed", ""),
+                coordinator_address=config.cluster.coordinator_address,
+                num_processes=config.cluster.num_processes,
+                process_id=config.cluster.process_id,
+            )
+        except ValueError as err:
+            raise app.UsageError(str(err)) from err
 
         precision = config.get("precision", "float32")
         if precision not in PRECISIONS:

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from stablejax import observables, stability, units
+from stablejax import observables, sharding, stability, units
 from stablejax.data import load, sample_initial_conditions, split_dataset
 from stablejax.data import topology as topo
 from stablejax.estimator import neighbourhood_membership, reweight_observable
@@ -81,6 +81,9 @@ OBSERVABLES = (
 _GT0 = (">", 0.0)
 FIELD_DOMAINS = (
     ("seed", "int", 0, None, ""),
+    ("devices", "int", 0, None, "devices (0 = all)"),
+    ("cluster.num_processes", "int", 1, None, "processes"),
+    ("cluster.process_id", "int", 0, None, ""),
     ("data.n_frames", "int", 1, None, "frames"),
     ("data.n_train", "int", 2, None, "frames"),
     ("data.n_val", "int", 1, None, "frames"),
@@ -218,6 +221,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     d, md, st, stab = config.data, config.md, config.stable, config.stability
     choices = (
         ("precision", config.get("precision", "float32"), PRECISIONS),
+        ("distributed", config.get("distributed", ""), sharding.DISTRIBUTED_MODES),
         ("data.split", d.split, ("random", "contiguous", "percent")),
         ("md.integrator", md.integrator, integrators),
         ("eval.integrator", config.eval.integrator, integrators),
@@ -269,6 +273,18 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         "the local 'min_intermolecular_distance' observable needs neighbourhoods of several "
         "molecules (>= 1)",
     )
+    # The replica counts must split evenly over the selected devices (no padding:
+    # dummy replicas would change unstable fractions, resets and estimator samples).
+    need(
+        jax.process_count() == 1,
+        "distributed",
+        f"{jax.process_count()} processes: the library (md.Simulator, StableTrainer) runs "
+        "over several processes, but the pipeline's checkpoints and reports do not yet; use "
+        "one process with all of its node's devices",
+    )
+    mesh = replica_mesh(config)
+    sharding.check_divisible(md.n_replicas, mesh, field="md.n_replicas")
+    sharding.check_divisible(config.eval.n_replicas, mesh, field="eval.n_replicas")
     need(
         config.observable.name not in ("oh_bond_length", "oh_bond_lengths")
         or d.generator in ("water", "")
@@ -276,6 +292,20 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         "observable.name",
         "the O-H bond-length observables need water",
     )
+
+
+def replica_mesh(config):
+    """The `stablejax.sharding` mesh of `config.devices`, or None for one device.
+
+    `devices = 0` takes the most devices that divide both `md.n_replicas` and
+    `eval.n_replicas` (all of them when the counts are multiples of the device count);
+    an explicit count must divide them (checked by `validate_config`).
+    """
+    k = int(config.get("devices", 0))
+    if k == 0 and jax.process_count() == 1:
+        counts = (int(config.md.n_replicas), int(config.eval.n_replicas))
+        k = max(d for d in range(1, len(jax.devices()) + 1) if all(c % d == 0 for c in counts))
+    return sharding.mesh_or_none(k)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -709,6 +739,7 @@ def stable_train(config, potential, params, dataset, train, target, criterion, w
         qm_frames=qm_frames,
         initial_positions=init,
         workdir=out,
+        mesh=replica_mesh(config),
     )
     log(
         f"StABlE training: {R} replicas, {config.md.steps_per_epoch} steps/epoch, "
@@ -801,7 +832,9 @@ def evaluate(
         pressure_bar=config.md.pressure_bar,
         tau_P_fs=config.md.tau_P_fs,
     )
-    sim = make_simulator(potential, dataset.species, box, config.md, integrator=integrator)
+    sim = make_simulator(
+        potential, dataset.species, box, config.md, integrator=integrator, mesh=replica_mesh(config)
+    )
     pool = test if test.n_frames > 0 else dataset
     init = sample_initial_conditions(
         pool, e.n_replicas, seed=config.seed + 1, replace=e.n_replicas > pool.n_frames
@@ -955,7 +988,9 @@ _LATER_STAGE_FIELDS = (
     "data.cache_dir",
 )
 # Fields that change neither results nor outputs that exist (logging sinks).
-_IGNORED_FIELDS = ("log.",)
+# `devices` and `runtime.*` (device and process counts, recorded in config.json): a run
+# may resume on another number of devices (results differ by summation order only).
+_IGNORED_FIELDS = ("log.", "devices", "runtime.", "distributed", "cluster.")
 # Fields added after workdirs were written: an absent one had this value.
 _ADDED_FIELD_DEFAULTS = {"precision": "float32"}
 # Among those, fields that only add evaluations of their own (eval_<...>/ folders).
@@ -1007,6 +1042,14 @@ def check_workdir_config(config, workdir) -> list[str]:
     return later
 
 
+def write_config(config, workdir) -> None:
+    """`workdir/config.json`: the resolved config plus `runtime` (n_devices, n_processes,
+    platform) of this run."""
+    resolved = json.loads(config.to_json_best_effort())
+    resolved["runtime"] = sharding.runtime_info(replica_mesh(config))
+    write_text(os.path.join(workdir, "config.json"), json.dumps(resolved, indent=2) + "\n")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs the study described by `config` in `workdir` (resumable); returns final metrics."""
     validate_config(config)
@@ -1024,11 +1067,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             f"evaluation settings changed ({', '.join(redo)}): the evaluation runs again; the "
             f"previous one is in {previous}"
         )
-    write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+    write_config(config, workdir)
     t0 = time.time()
     if config.get("precision", "float32") == "float64" and current_precision() != "float64":
         set_precision("float64")  # the command line sets it before any array is made
     log(f"precision: {current_precision()}")
+    runtime = sharding.runtime_info(replica_mesh(config))
+    if runtime["n_devices"] > 1 or len(jax.devices()) > 1:
+        log(
+            f"replicas split over {runtime['n_devices']} of {len(jax.devices())} "
+            f"{runtime['platform']} devices"
+        )
     if config.system == "lj":
         return run_lj(config, workdir)
     dataset = load_data(config, workdir)
@@ -1368,7 +1417,7 @@ def lj_reference(config, workdir):
     grid = np.stack(np.meshgrid(*[np.arange(side)] * 3, indexing="ij"), -1).reshape(-1, 3)[:n]
     x0 = (grid + 0.5) * box_len / side
     R = config.md.n_replicas
-    sim = make_simulator(potential, species, box, config.md)
+    sim = make_simulator(potential, species, box, config.md, mesh=replica_mesh(config))
     params = potential.init(jax.random.PRNGKey(0), species, x0, box)
     kT = units.kT_from_kelvin(config.md.temperature_K)
     state = sim.init(jax.random.PRNGKey(config.seed), params, np.broadcast_to(x0, (R, n, 3)), kT)

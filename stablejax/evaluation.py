@@ -29,7 +29,7 @@ from stablejax.stability import StabilityCriterion
 from stablejax.training.metrics import progress_bar
 
 #: Element pairs of the water RDFs (O-O, O-H, H-H).
-WATER_PAIRS = ((8, 8), (8, 1), (1, 1))
+WATER_PAIRS = observables.WATER_PAIRS  # re-exported
 
 
 @dataclasses.dataclass

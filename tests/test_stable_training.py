@@ -66,7 +66,7 @@ def tiny_config(**stable):
     return c
 
 
-def make_trainer(config, dataset, workdir):
+def make_trainer(config, dataset, workdir, mesh=None):
     potential = factory.build(config.model)
     params = potential.init(jax.random.PRNGKey(0), dataset.species, dataset.positions[0], None)
     bonds = topo.find_bonds(dataset.species, dataset.positions[0])
@@ -85,6 +85,7 @@ def make_trainer(config, dataset, workdir):
         initial_positions=dataset.positions[: config.md.n_replicas],
         workdir=workdir,
         progress=False,
+        mesh=mesh,
     )
 
 
@@ -134,6 +135,8 @@ def test_resume_equals_uninterrupted(tmp_path):
         ("--config.stability.eval_guard=nonsense", "stability.eval_guard"),
         ("--config.stability.eval_guard_threshold=-1", "stability.eval_guard_threshold"),
         ("--config.data.seed=-2", "data.seed"),
+        ("--config.distributed=bogus", "config.distributed"),
+        ("--config.devices=99999", "config.devices"),
         ("--seeds=a,b", "--seeds"),
     ],
 )

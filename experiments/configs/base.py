@@ -26,6 +26,22 @@ def base_config() -> ml_collections.ConfigDict:
     # forces of 32 replicas) and far more on most GPUs; use it to check that a result
     # does not depend on rounding.
     c.precision = "float32"
+    # Devices the replicas are split over (`stablejax.sharding`: MD state, neighbour
+    # lists, stability checks, estimator samples; parameters replicated): k = the first
+    # k devices (md.n_replicas and eval.n_replicas must be multiples of k); 0 = the most
+    # devices that divide both counts (all of them when they are multiples of the device
+    # count). Results do not depend on it beyond floating-point summation order.
+    c.devices = 0
+    # Several processes or hosts (`jax.distributed.initialize`, called by the command
+    # line before anything else): "" one process; "auto": JAX reads the cluster
+    # environment (SLURM, Open MPI, ...); "explicit": the `cluster` fields below.
+    # The library (Simulator, StableTrainer) runs over several processes; the pipeline
+    # (checkpoints, reports) does not yet and refuses to start (see README).
+    c.distributed = ""
+    c.cluster = ml_collections.ConfigDict()
+    c.cluster.coordinator_address = ""  # "host:port" of process 0
+    c.cluster.num_processes = 1
+    c.cluster.process_id = 0
     # Logging: mirror every metrics.jsonl record (pre-training, StABlE, evaluation) to
     # TensorBoard under WORKDIR/**/tensorboard/ (needs `pip install "stablejax[tensorboard]"`).
     c.log = ml_collections.ConfigDict()

@@ -25,6 +25,7 @@ from jax import lax
 from jax_md import dataclasses
 
 from stablejax import geometry, units
+from stablejax import sharding as _sharding
 from stablejax.md import integrators as _integrators
 from stablejax.md import neighbors as _neighbors
 from stablejax.potentials.base import all_pairs_edges
@@ -173,6 +174,9 @@ class Simulator:
       neighbor_capacity: minimum number of edge slots per replica (periodic);
         by default sized from the initial positions and grown on overflow
         (each growth recompiles the chunk once).
+      mesh: a ``stablejax.sharding.replica_mesh`` to split the replicas (state,
+        neighbour lists, recorded frames) over several devices, or None for one
+        device. The replica count must be a multiple of the device count.
 
     Attributes:
       num_traces: how many times a chunk function has been traced (compiled).
@@ -194,6 +198,7 @@ class Simulator:
         history_every: int | None = None,
         history_depth: int = 4,
         neighbor_capacity: int | None = None,
+        mesh=None,
     ):
         integrator = _integrators.Langevin() if integrator is None else integrator
         _integrators.validate(integrator)
@@ -244,6 +249,7 @@ class Simulator:
         self.num_traces = 0  # incremented each time a chunk function is traced
         self.num_reallocations = 0
         self._capacity = 0 if neighbor_capacity is None else int(neighbor_capacity)
+        self.mesh = mesh
         self._npt = isinstance(integrator, _integrators.BerendsenNPT)
         self._free_edges = None if box is not None else all_pairs_edges(n)
         self._layout = None
@@ -362,6 +368,7 @@ class Simulator:
             positions = positions.astype(jnp.float32)
         dtype = positions.dtype
         R = positions.shape[0]
+        _sharding.check_divisible(R, self.mesh, field="md.n_replicas (or eval.n_replicas)")
         kT = jnp.broadcast_to(jnp.asarray(kT, dtype), (R,))
         if np.any(np.asarray(kT) < 0):
             raise ValueError("kT must be >= 0")
@@ -387,10 +394,25 @@ class Simulator:
             neighbors = self._allocate_neighbors(positions, boxes)
         elif box is not None:
             raise ValueError("box given to init() of a free-space Simulator")
+        # Computed whole on every process (same key, same values), then split.
+        positions, momentum, kT, rng, boxes, neighbors = _sharding.shard_replicas(
+            (positions, momentum, kT, rng, boxes, neighbors), self.mesh
+        )
+        params = _sharding.replicate(params, self.mesh)
         state = self._init_jit(params, positions, momentum, kT, rng, boxes, neighbors)
         if self.history_every is not None:
             state = state.set(history=self._empty_history(state))
-        return state
+        return self._place(state)
+
+    def _place(self, state):
+        """The state split over the mesh's devices (replica axis; history [R, D, ...])."""
+        return _sharding.shard_replicas(state, self.mesh)
+
+    def _replica_mask(self, mask):
+        """[R] bool per-replica mask, placed like the state's replica axis."""
+        if self.mesh is None:
+            return jnp.asarray(mask, bool)
+        return _sharding.shard_replicas(np.asarray(_sharding.to_host(mask), bool), self.mesh)
 
     def _allocate_neighbors(self, positions, boxes):
         """Allocate lists for all replicas, growing capacity until nothing overflows."""
@@ -484,12 +506,15 @@ class Simulator:
                     def write(h):
                         D = h.snapshot_step.shape[1]
                         slot = (out.step // every) % D
-                        rows = jnp.arange(slot.shape[0])
+                        # [R, D] one-hot of the slot each snapshotting replica writes: an
+                        # elementwise select, which stays local to each device when the
+                        # replicas are split (a gather/scatter at [rows, slot] made XLA
+                        # all-gather the buffers).
+                        hit = (jnp.arange(D)[None, :] == slot[:, None]) & snap[:, None]
 
                         def put(buf, x):
-                            old = buf[rows, slot]
-                            m = jnp.reshape(snap, snap.shape + (1,) * (x.ndim - 1))
-                            return buf.at[rows, slot].set(jnp.where(m, x, old))
+                            m = jnp.reshape(hit, hit.shape + (1,) * (x.ndim - 1))
+                            return jnp.where(m, x[:, None], buf)
 
                         snaps = jax.tree_util.tree_map(put, h.snapshots, out)
                         steps = put(h.snapshot_step, out.step)
@@ -517,11 +542,13 @@ class Simulator:
                     frame["pressure"] = jax.vmap(_integrators.instantaneous_pressure)(
                         ke, s.virial, s.box
                     )
-                return carry, frame
+                return carry, _sharding.constrain_replicas(frame, self.mesh)
 
             carry = (state.set(history=None), state.history)
             (core, history), frames = lax.scan(one_frame, carry, None, length=n_frames)
-            return core.set(history=history), frames
+            # Keep the replica axis split across chunks (frames are [F, R, ...]).
+            out = _sharding.constrain_replicas(core.set(history=history), self.mesh)
+            return out, _sharding.constrain_replicas(frames, self.mesh, axis=1)
 
         return jax.jit(chunk)
 
@@ -562,6 +589,10 @@ class Simulator:
                 f"n_steps ({n_steps}) must be a non-negative multiple of record_every ({record_every})"
             )
         chunk = max(record_every, (self.chunk_steps // record_every) * record_every)
+        # Inputs placed once per run: a state that eager per-replica control
+        # (reset, rewind, freeze) left otherwise placed would recompile the chunk.
+        state = self._place(state)
+        params = _sharding.replicate(params, self.mesh)
         frames = []
         done = 0
         while done < n_steps:
@@ -569,7 +600,7 @@ class Simulator:
             state, out = self._run_chunk(
                 params, state, length // record_every, record_every, record_velocities
             )
-            frames.append(jax.tree_util.tree_map(np.asarray, out))
+            frames.append(_sharding.to_host(out))
             done += length
         return state, self._assemble(frames, record_velocities)
 
@@ -579,10 +610,10 @@ class Simulator:
             new, out = fn(params, state)
             if not self.periodic:
                 return new, out
-            bits = int(np.bitwise_or.reduce(np.asarray(new.neighbors.error)))
+            bits = int(np.bitwise_or.reduce(_sharding.to_host(new.neighbors.error)))
             if not bits:
                 if self._npt:
-                    _check_cutoff(self.cutoff, np.asarray(new.box), during_run=True)
+                    _check_cutoff(self.cutoff, _sharding.to_host(new.box), during_run=True)
                 return new, out
             # Overflow: results of this chunk are invalid. Grow and redo it.
             self.num_reallocations += 1
@@ -590,12 +621,12 @@ class Simulator:
                 self._layout,
                 state.neighbors.edges.shape[-1],
                 bits,
-                state.position,
-                state.box,
+                _sharding.to_host(state.position),
+                _sharding.to_host(state.box),
                 self.n_atoms,
             )
             self._capacity = max(self._capacity, capacity)
-            state = self._with_capacity(state, capacity)
+            state = self._place(self._with_capacity(state, capacity))
         raise RuntimeError("neighbour list kept overflowing; giving up")
 
     def _with_capacity(self, state, capacity):
@@ -647,11 +678,11 @@ class Simulator:
 
     def freeze(self, state: MDState, mask) -> MDState:
         """Stop the replicas in ``mask`` [R] bool (their state stays bitwise unchanged)."""
-        return state.set(frozen=state.frozen | jnp.asarray(mask, bool))
+        return state.set(frozen=state.frozen | self._replica_mask(mask))
 
     def unfreeze(self, state: MDState, mask) -> MDState:
         """Let user-frozen replicas in ``mask`` advance again (``unstable`` is kept)."""
-        return state.set(frozen=state.frozen & ~jnp.asarray(mask, bool))
+        return state.set(frozen=state.frozen & ~self._replica_mask(mask))
 
     def reset(self, state: MDState, stored: MDState, mask, *, key=None) -> MDState:
         """Replace the replicas in ``mask`` by their copies in ``stored``.
@@ -667,7 +698,7 @@ class Simulator:
           mask: [R] bool.
           key: optional PRNG key.
         """
-        mask = jnp.asarray(mask, bool)
+        mask = self._replica_mask(mask)
         stored = stored.set(history=None)
         if self.periodic:
             cap = max(state.neighbors.edges.shape[-1], stored.neighbors.edges.shape[-1])
@@ -700,9 +731,9 @@ class Simulator:
         """
         if state.history is None:
             raise ValueError("rewind needs a Simulator built with history_every")
-        mask_np = np.asarray(mask, bool)
-        steps = np.asarray(state.step)
-        snap_steps = np.asarray(state.history.snapshot_step)
+        mask_np = np.asarray(_sharding.to_host(mask), bool)
+        steps = _sharding.to_host(state.step)
+        snap_steps = _sharding.to_host(state.history.snapshot_step)
         target = steps - int(n_steps)
         valid = (snap_steps >= 0) & (snap_steps <= target[:, None])
         bad = mask_np & ~valid.any(axis=1)
@@ -714,7 +745,7 @@ class Simulator:
         slot = np.argmax(np.where(valid, snap_steps, -1), axis=1)
         rows = np.arange(steps.size)
         restored = jax.tree_util.tree_map(lambda b: b[rows, slot], state.history.snapshots)
-        mask = jnp.asarray(mask_np)
+        mask = self._replica_mask(mask_np)
         new = _select(mask, restored, state.set(history=None))
         new = self._reseed(new, mask, key)
         history = self._restart_history(state.history, new, mask, keep_until=new.step)
@@ -726,7 +757,8 @@ class Simulator:
         rng = jax.random.split(key, state.rng.shape[0])
         if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
             rng = jax.random.key_data(rng)
-        return state.set(rng=jnp.where(mask[:, None], rng.astype(state.rng.dtype), state.rng))
+        rng = _sharding.shard_replicas(rng.astype(state.rng.dtype), self.mesh)
+        return state.set(rng=jnp.where(mask[:, None], rng, state.rng))
 
     def _restart_history(self, history, state, mask, keep_until):
         steps = history.snapshot_step

@@ -47,7 +47,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from stablejax import md, units
+from stablejax import md, sharding, units
 from stablejax.estimator import boltzmann_grad, boltzmann_grad_local, stratified_selection
 from stablejax.logs import logger
 from stablejax.potentials.base import Potential, all_pairs_edges
@@ -59,7 +59,6 @@ from stablejax.training.qm import QMFrames, cutoff_edges, make_qm_loss
 PyTree = Any
 
 SIMULATION, LEARNING = 0, 1
-PHASE_NAMES = {SIMULATION: "simulation", LEARNING: "learning"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,8 +110,10 @@ def make_simulator(
     *,
     integrator=None,
     chunk_steps: int | None = None,
+    mesh=None,
 ) -> md.Simulator:
-    """A replica-batched `md.Simulator` for `potential` from the experiment's `md` block."""
+    """A replica-batched `md.Simulator` for `potential` from the experiment's `md` block
+    (`mesh`: a `stablejax.sharding` mesh to split the replicas over devices, or None)."""
     if integrator is None:
         integrator = make_integrator(
             md_config.integrator,
@@ -131,6 +132,7 @@ def make_simulator(
         cutoff=potential.cutoff if box is not None else None,
         skin=md_config.skin,
         chunk_steps=chunk_steps or md_config.chunk_steps,
+        mesh=mesh,
     )
 
 
@@ -365,6 +367,10 @@ class StableTrainer:
       initial_positions: [R, n, 3] Å replica starting structures (training set).
       workdir: folder for checkpoints and metrics.jsonl (None: in memory only).
       progress: print a progress line per epoch.
+      mesh: a `stablejax.sharding` mesh: replicas (MD state, stored states,
+        stability checks) and the estimator's samples are split over its devices,
+        parameters replicated; `md.n_replicas` must be a multiple of its size.
+        None: one device.
     """
 
     def __init__(
@@ -381,6 +387,7 @@ class StableTrainer:
         initial_positions,
         workdir: str | None = None,
         progress: bool = True,
+        mesh=None,
     ):
         self.potential = potential
         self.species = np.asarray(species, dtype=np.int32)
@@ -393,9 +400,12 @@ class StableTrainer:
         self.qm_frames = qm_frames
         self.workdir = workdir
         self.progress = progress
+        self.mesh = mesh
         self._validate(initial_positions)
+        sharding.check_divisible(self.mcfg.n_replicas, mesh, field="md.n_replicas")
+        self.runtime = sharding.runtime_info(mesh)
 
-        self.sim = make_simulator(potential, self.species, self.box, self.mcfg)
+        self.sim = make_simulator(potential, self.species, self.box, self.mcfg, mesh=mesh)
         self.kT = units.kT_from_kelvin(self.mcfg.temperature_K)
         self.n_replicas = int(self.mcfg.n_replicas)
         self.frames_per_epoch = self.mcfg.steps_per_epoch // self.mcfg.check_every
@@ -446,12 +456,14 @@ class StableTrainer:
         positions = jnp.asarray(initial_positions)
         md_state = self.sim.init(k_init, params, positions, self.kT)
         depth = int(self.scfg.history_depth)
+        params = sharding.replicate(params, mesh)
         self.state = {
             "params": params,
-            "opt_state": self.optimizer.init(params),
+            "opt_state": sharding.replicate(self.optimizer.init(params), mesh),
             "md_state": md_state,
             "learn_start": md_state,
-            "history": _stack_states([md_state] * depth),
+            # [D, R, ...]: replicas split over the devices like the live state.
+            "history": sharding.shard_replicas(_stack_states([md_state] * depth), mesh, axis=1),
             "history_count": 0,
             "held": np.zeros(self.n_replicas, bool),
             "key": key,
@@ -518,6 +530,15 @@ class StableTrainer:
         """[R, F] bool: frames that cross the criterion (or are not finite)."""
         return self.criterion.is_unstable(positions)
 
+    def _on_devices(self, tree, axis: int | None = 0):
+        """Host arrays with a replica/sample axis at `axis`, split over the mesh
+        (`axis=None`: whole on every device)."""
+        if self.mesh is None:
+            return jax.tree.map(jnp.asarray, tree)
+        if axis is None:
+            return sharding.replicate(tree, self.mesh)
+        return sharding.shard_replicas(tree, self.mesh, axis=axis)
+
     def _qm_chunks_all(self):
         """Every QM training frame in zero-padded chunks of `stable.qm_chunk_size`."""
         chunk = max(1, int(self.scfg.qm_chunk_size))
@@ -578,8 +599,10 @@ class StableTrainer:
         stratified sub-sample (`stable.local_sampling`)."""
         if not self.target.local:
             return None, {}
-        dev = np.asarray(
-            self._local_deviation(jnp.asarray(samples["positions"]), samples.get("box"))
+        dev = sharding.to_host(
+            self._local_deviation(
+                self._on_devices(samples["positions"]), self._on_devices(samples.get("box"))
+            )
         )
         if self.scfg.local_sampling == "all":
             return np.ones(dev.shape, bool), {}
@@ -608,7 +631,7 @@ class StableTrainer:
         slots = np.asarray(jax.random.randint(k2, (self.n_replicas,), 0, stored))
         rows = np.arange(self.n_replicas)
         earlier = jax.tree.map(lambda h: h[slots, rows], st["history"])
-        st["md_state"] = self.sim.reset(st["md_state"], earlier, jnp.asarray(mask), key=k3)
+        st["md_state"] = self.sim.reset(st["md_state"], earlier, mask, key=k3)
         return n_reset
 
     def _push_history(self, md_state):
@@ -629,13 +652,13 @@ class StableTrainer:
         md_state, traj = self.sim.run(
             st["params"], start, self.mcfg.steps_per_epoch, record_every=self.mcfg.check_every
         )
-        flags = np.asarray(self._check(jnp.asarray(traj.position)))
-        newly = (flags.any(axis=1) | np.asarray(md_state.unstable)) & ~st["held"]
+        flags = sharding.to_host(self._check(self._on_devices(traj.position)))
+        newly = (flags.any(axis=1) | sharding.to_host(md_state.unstable)) & ~st["held"]
         if newly.any():
             # Rewind by one epoch and hold there: the state one epoch before instability.
-            md_state = self.sim.reset(md_state, start, jnp.asarray(newly))
+            md_state = self.sim.reset(md_state, start, newly)
         held = st["held"] | newly
-        md_state = self.sim.freeze(md_state, jnp.asarray(held))
+        md_state = self.sim.freeze(md_state, held)
         st["md_state"] = md_state
         st["held"] = held
         fraction = float(held.mean())
@@ -677,26 +700,30 @@ class StableTrainer:
     def _learning_epoch(self, key) -> dict:
         st = self.state
         k_sel, k_qm = jax.random.split(key)
-        start = self.sim.unfreeze(st["learn_start"], jnp.ones(self.n_replicas, bool))
+        start = self.sim.unfreeze(st["learn_start"], np.ones(self.n_replicas, bool))
         md_state, traj = self.sim.run(
             st["params"], start, self.mcfg.steps_per_epoch, record_every=self.mcfg.check_every
         )
-        flags = np.asarray(self._check(jnp.asarray(traj.position)))
-        went_unstable = flags.any(axis=1) | np.asarray(md_state.unstable)
+        flags = sharding.to_host(self._check(self._on_devices(traj.position)))
+        went_unstable = flags.any(axis=1) | sharding.to_host(md_state.unstable)
         fraction = float(went_unstable.mean())
         samples = self._samples(traj)
         selected, sel_record = self._selection(samples, k_sel)
         qm_idx, qm_w = self._qm_chunks(k_qm)
+        # Samples are [R x frames] in replica order: split over the devices like the
+        # replicas; the estimator's sums over them become cross-device reductions.
+        # QM frames of a chunk are split too when they divide evenly (data parallel).
+        qm_axis = 1 if self.mesh is not None and qm_idx.shape[1] % self.mesh.size == 0 else None
         params, opt_state, metrics = self._learn_step(
             st["params"],
             st["opt_state"],
-            samples,
-            None if selected is None else jnp.asarray(selected),
-            jnp.asarray(qm_idx),
-            jnp.asarray(qm_w),
-            jnp.asarray(st["lr"], dtype=jnp.result_type(float)),
+            self._on_devices(samples),
+            None if selected is None else self._on_devices(selected),
+            self._on_devices(qm_idx, axis=qm_axis),
+            self._on_devices(qm_w, axis=qm_axis),
+            self._on_devices(np.asarray(st["lr"], dtype=jnp.result_type(float)), axis=None),
         )
-        metrics = {k: float(v) for k, v in metrics.items()}
+        metrics = {k: float(v) for k, v in sharding.to_host(metrics).items()}
         if not np.isfinite(metrics["observable_loss"]):
             raise FloatingPointError(
                 "observable loss is not finite (fewer than 2 usable samples?): "
@@ -718,8 +745,8 @@ class StableTrainer:
         ):
             # Continue simulating from where learning ended; replicas that went
             # unstable in this epoch restart from their learning-phase start.
-            md_state = self.sim.reset(md_state, start, jnp.asarray(went_unstable))
-            md_state = self.sim.unfreeze(md_state, jnp.ones(self.n_replicas, bool))
+            md_state = self.sim.reset(md_state, start, went_unstable)
+            md_state = self.sim.unfreeze(md_state, np.ones(self.n_replicas, bool))
             st["md_state"] = md_state
             st["held"] = np.zeros(self.n_replicas, bool)
             st["phase"] = SIMULATION
@@ -769,7 +796,13 @@ class StableTrainer:
                 record = self._learning_epoch(key)
             st["epoch"] = int(st["epoch"]) + 1
             st["time_s"] = float(st["time_s"]) + time.perf_counter() - t0
-            record.update(epoch=st["epoch"], wall_time_s=st["time_s"], cycles=st["cycles"])
+            record.update(
+                epoch=st["epoch"],
+                wall_time_s=st["time_s"],
+                cycles=st["cycles"],
+                n_devices=self.runtime["n_devices"],
+                n_processes=self.runtime["n_processes"],
+            )
             if self.writer is not None:
                 self.writer.write(record)
             if self.ckpt is not None:

@@ -111,6 +111,7 @@ def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
             c.eval.timestep_study_fs = (0.25, 1.0, 2.0)
     elif preset == "test":
         c.reductions = "CI smoke test: tiny data, model, replica counts and run lengths."
+        c.eval.vacf_window = 4  # steps: the default 100 would be 200 MD steps per model
         c.data.n_frames = 40
         c.data.n_train = 24
         c.data.n_val = 8

@@ -78,6 +78,7 @@ def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
         c.eval.time_ps = 20.0
     elif preset == "test":
         c.reductions = "CI smoke test."
+        c.eval.vacf_window = 4  # steps: the default 100 would be 200 MD steps per model
         c.lj.reference_frames = 8
         c.model.hidden_sizes = (16, 16)
         c.md.n_replicas = 2

@@ -104,6 +104,7 @@ def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
         c.eval.n_test_frames = 50
     elif preset == "test":
         c.reductions = "CI smoke test: tiny data, model, replica counts and run lengths."
+        c.eval.vacf_window = 4  # steps: the default 100 would be 200 MD steps per model
         c.data.n_frames = 16
         c.model.num_layers = 1
         c.model.num_features = 4

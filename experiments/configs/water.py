@@ -141,6 +141,7 @@ def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
         c.eval.n_test_frames = 20
     elif preset == "test":
         c.reductions = "CI smoke test: tiny data, model, replica counts and run lengths."
+        c.eval.vacf_window = 4  # steps: the default 100 would be 200 MD steps per model
         c.data.n_frames = 8
         c.model.emb_size_atom = 8
         c.model.emb_size_edge = 8

@@ -41,17 +41,13 @@ from stablejax.evaluation import (
 )
 from stablejax.files import read_json, write_json, write_text
 from stablejax.logs import logger
+from stablejax.md import INTEGRATORS, make_integrator, make_simulator
 from stablejax.potentials import factory, normalization
 from stablejax.potentials import io as model_io
 from stablejax.precision import PRECISIONS, current_precision, set_precision
 from stablejax.training import qm
 from stablejax.training.metrics import plot_training_curves
-from stablejax.training.stable import (
-    ObservableTarget,
-    StableTrainer,
-    make_integrator,
-    make_simulator,
-)
+from stablejax.training.stable import ObservableTarget, StableTrainer
 
 #: Evaluation RDF settings for periodic systems (Å): as MDsim/StABlE (unsmeared, 0-6 Å).
 RDF_EVAL = {"r_max": 6.0, "dr": 0.01, "sigma": 0.0}
@@ -217,14 +213,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         )
 
     # Choices (one line each) and cross-field rules.
-    integrators = ("nve", "langevin", "nose_hoover", "berendsen_npt")
     d, md, st, stab = config.data, config.md, config.stable, config.stability
     choices = (
         ("precision", config.get("precision", "float32"), PRECISIONS),
         ("distributed", config.get("distributed", ""), sharding.DISTRIBUTED_MODES),
         ("data.split", d.split, ("random", "contiguous", "percent")),
-        ("md.integrator", md.integrator, integrators),
-        ("eval.integrator", config.eval.integrator, integrators),
+        ("md.integrator", md.integrator, INTEGRATORS),
+        ("eval.integrator", config.eval.integrator, INTEGRATORS),
         ("stable.estimator", st.estimator, ("global", "local")),
         ("stable.local_sampling", st.local_sampling, ("all", "stratified")),
         ("stability.criterion", stab.criterion, CRITERIA),

@@ -266,11 +266,11 @@ def evaluate_saved_models(
 
     from stablejax.data import sample_initial_conditions
     from stablejax.evaluation import EvalSettings, evaluate_model, write_report
+    from stablejax.md import make_integrator, make_simulator
     from stablejax.observables import bin_centers
     from stablejax.potentials import factory
     from stablejax.potentials import io as model_io
     from stablejax.training import qm
-    from stablejax.training.stable import make_integrator, make_simulator
 
     if not models:
         raise ValueError("evaluate_saved_models needs at least one model")

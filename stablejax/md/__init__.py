@@ -1,11 +1,16 @@
 """stablejax.md: replica-batched molecular dynamics (see ``Simulator``)."""
 
+from stablejax.md.factory import INTEGRATORS, make_integrator, make_simulator, potential_energy_fn
 from stablejax.md.integrators import NVE, BerendsenNPT, Langevin, NoseHooverChain
 from stablejax.md.io import write_trajectory
 from stablejax.md.neighbors import NeighborState
 from stablejax.md.simulator import History, MDState, Simulator, Trajectory
 
 __all__ = [
+    "INTEGRATORS",
+    "make_integrator",
+    "make_simulator",
+    "potential_energy_fn",
     "NVE",
     "BerendsenNPT",
     "History",

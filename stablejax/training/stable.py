@@ -50,6 +50,7 @@ import optax
 from stablejax import md, sharding, units
 from stablejax.estimator import boltzmann_grad, boltzmann_grad_local, stratified_selection
 from stablejax.logs import logger
+from stablejax.md.factory import make_simulator
 from stablejax.potentials.base import Potential, all_pairs_edges
 from stablejax.stability import StabilityCriterion
 from stablejax.training.checkpoint import CheckpointManager
@@ -64,76 +65,6 @@ SIMULATION, LEARNING = 0, 1
 # ---------------------------------------------------------------------------------------------
 # Simulator and observable set-up from configs
 # ---------------------------------------------------------------------------------------------
-
-
-def make_integrator(
-    kind: str,
-    *,
-    dt_fs: float,
-    tau_fs: float = 20.0,
-    friction_per_ps: float = 0.1,
-    chain_length: int = 3,
-    pressure_bar: float = 1.01325,
-    tau_P_fs: float = 2000.0,
-):
-    """An integrator of `stablejax.md` from its config name (units in the argument names)."""
-    if kind == "nve":
-        return md.NVE(dt_fs=dt_fs)
-    if kind == "langevin":
-        return md.Langevin(dt_fs=dt_fs, friction_per_ps=friction_per_ps)
-    if kind == "nose_hoover":
-        return md.NoseHooverChain(dt_fs=dt_fs, tau_fs=tau_fs, chain_length=chain_length)
-    if kind == "berendsen_npt":
-        return md.BerendsenNPT(
-            dt_fs=dt_fs, pressure_bar=pressure_bar, tau_T_fs=tau_fs, tau_P_fs=tau_P_fs
-        )
-    raise ValueError(
-        f"unknown integrator {kind!r}; choose 'nve', 'langevin', 'nose_hoover' or 'berendsen_npt'"
-    )
-
-
-def potential_energy_fn(potential: Potential, species) -> Callable:
-    """`(params, positions [n,3] Å, edges [2,e], box [3] Å | None) -> eV` for the MD engine."""
-    species = jnp.asarray(species, dtype=jnp.int32)
-
-    def energy_fn(params, positions, edges, box):
-        return potential.energy(params, species, positions, edges, box)
-
-    return energy_fn
-
-
-def make_simulator(
-    potential: Potential,
-    species,
-    box,
-    md_config: ml_collections.ConfigDict,
-    *,
-    integrator=None,
-    chunk_steps: int | None = None,
-    mesh=None,
-) -> md.Simulator:
-    """A replica-batched `md.Simulator` for `potential` from the experiment's `md` block
-    (`mesh`: a `stablejax.sharding` mesh to split the replicas over devices, or None)."""
-    if integrator is None:
-        integrator = make_integrator(
-            md_config.integrator,
-            dt_fs=md_config.dt_fs,
-            tau_fs=md_config.tau_fs,
-            friction_per_ps=md_config.friction_per_ps,
-            chain_length=md_config.chain_length,
-            pressure_bar=md_config.pressure_bar,
-            tau_P_fs=md_config.tau_P_fs,
-        )
-    return md.Simulator(
-        potential_energy_fn(potential, species),
-        species=np.asarray(species),
-        box=box,
-        integrator=integrator,
-        cutoff=potential.cutoff if box is not None else None,
-        skin=md_config.skin,
-        chunk_steps=chunk_steps or md_config.chunk_steps,
-        mesh=mesh,
-    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,6 +36,8 @@ from stablejax.evaluation import (
     EvalSettings,
     evaluate_model,
     evaluation_criterion,
+    reference_observables,
+    reference_rdfs,
     structural_observables,
     write_report,
 )
@@ -788,25 +790,13 @@ def evaluate(
         o = config.observable
         r_max = o.r_max if o.name == "distance_histogram" else 10.0
         obs_settings = {"r_max": r_max, "dr": o.dr, "sigma": o.sigma}
-    ref_frames = jnp.asarray(dataset.positions[:: max(1, dataset.n_frames // 500)])
-    reference = {
-        k: np.asarray(v).mean(axis=0)
-        for k, v in jax.jit(
-            lambda x: structural_observables(x, dataset.species, box, **obs_settings)
-        )(ref_frames).items()
-    }
+    if reference is None:  # the transfer study passes its reweighted reference
+        reference = reference_observables(
+            dataset.positions, dataset.species, box, observable_settings=obs_settings
+        )
     ref_rdfs = None
     if "rdf_mae" in (config.stability.eval_criterion, config.stability.eval_guard):
-        from stablejax.evaluation import WATER_PAIRS
-
-        ref_rdfs = {
-            p: np.asarray(
-                observables.radial_distribution_function(
-                    ref_frames, dataset.species, box, pair=p, **RDF_EVAL
-                )
-            ).mean(axis=0)
-            for p in WATER_PAIRS
-        }
+        ref_rdfs = reference_rdfs(dataset.positions, dataset.species, box, rdf_settings=RDF_EVAL)
     frame_ps = e.record_every * dt / 1000.0
     criteria = evaluation_criteria(
         config, dataset, bonds, eq, mol, frame_ps=frame_ps, ref_rdfs=ref_rdfs

@@ -456,3 +456,37 @@ def test_trajectories_are_written_as_extxyz_with_the_unstable_frame_marked(tmp_p
         )
         np.testing.assert_allclose(a.get_velocities()[0, 0], force / mass * t, rtol=1e-6)
     assert n_recorded == 30
+
+
+def test_pipeline_evaluate_keeps_a_given_reference(tmp_path, monkeypatch):
+    """The temperature transfer passes a reweighted reference; it must reach the report
+    (it used to be overwritten by the unweighted data reference)."""
+    from test_reliability import _test_study
+
+    from experiments import pipeline
+
+    config = _test_study(tmp_path)
+    dataset = pipeline.load_data(config, str(tmp_path))
+    train, _, test = pipeline.split(config, dataset)
+    bonds, eq, mol = pipeline.system_topology(dataset, train)
+    potential, params = pipeline.build_model(config, dataset, train)
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(out_dir, results, *, reference, **kwargs):
+        seen["reference"] = reference
+        raise Stop
+
+    monkeypatch.setattr(pipeline, "evaluate_model", lambda *a, **k: None)
+    monkeypatch.setattr(pipeline, "write_report", capture)
+    given = {"h(r)": np.full(3, 7.0)}
+    with pytest.raises(Stop):
+        pipeline.evaluate(config, potential, {"m": params}, dataset, test, bonds, eq, mol,
+                          str(tmp_path), reference=given)  # fmt: skip
+    assert seen["reference"] is given
+    with pytest.raises(Stop):
+        pipeline.evaluate(config, potential, {"m": params}, dataset, test, bonds, eq, mol,
+                          str(tmp_path))  # fmt: skip
+    assert seen["reference"] is not given and "h(r)" in seen["reference"]

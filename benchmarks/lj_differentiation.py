@@ -63,7 +63,11 @@ DT = 0.005
 TAU_THERMOSTAT = 0.5  # Nose-Hoover coupling time (tau units, absolute time for jax-md)
 DENSITY = 0.8
 N_CELLS = 2  # FCC 2x2x2 = 32 particles
-ESTIMATOR_BATCH = 50  # frames per minibatch of the Boltzmann estimator
+# Frames per minibatch of the Boltzmann estimator, the same at every trajectory length so
+# that its memory does not grow with the trajectory: the peak is one minibatch's forward +
+# backward pass (measured, MLP 3 x 64: 50 frames 62 MiB, 10 frames 12.7 MiB); the frames
+# themselves are 38 KB per 100.
+ESTIMATOR_BATCH = 10
 METHODS = ("boltzmann", "backprop", "backprop_remat", "adjoint")
 
 
@@ -176,8 +180,8 @@ def make_methods(system: System, n_steps: int, sample_every: int, g_target):
     def backprop_remat(params, R0, key):
         return jax.value_and_grad(unrolled_loss)(params, R0, key, True)
 
-    # Frames are processed in minibatches of at most ESTIMATOR_BATCH (exact), so the
-    # estimator's memory does not grow with the trajectory length.
+    # Frames are processed in minibatches of ESTIMATOR_BATCH (exact, the last one padded),
+    # so the estimator's memory does not grow with the trajectory length.
     estimator = boltzmann_grad(
         system.model_energy,
         system.rdf,

@@ -52,8 +52,14 @@ def main(system: str) -> None:
         if precision not in PRECISIONS:
             raise app.UsageError(f"--config.precision={precision!r}: choose one of {PRECISIONS}")
         set_precision(precision)  # before any JAX array of the run is made
+        from stablejax import compile_cache
+
+        cache_dir = config.get("compilation_cache", compile_cache.DEFAULT_DIR)
+        if cache_dir:
+            compile_cache.enable(cache_dir)  # before the first compilation
+        meter = compile_cache.CompileMeter()
         from experiments import pipeline
-        from stablejax.logs import console_and_file
+        from stablejax.logs import console_and_file, logger
 
         workdir = os.path.expanduser(flags.FLAGS.workdir)
         try:
@@ -64,6 +70,8 @@ def main(system: str) -> None:
                     pipeline.run_seeds(config, workdir, pipeline.parse_seeds(flags.FLAGS.seeds))
                 else:
                     pipeline.run(config, workdir)
+                cache = f"cache {cache_dir}" if cache_dir else "no persistent cache"
+                logger.info(f"{meter.summary()}; {cache}")
         except ValueError as err:
             if str(err).startswith(("config.", "--seeds")):
                 print(f"error: {err}", file=sys.stderr)

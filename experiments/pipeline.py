@@ -975,7 +975,14 @@ _LATER_STAGE_FIELDS = (
 # Fields that change neither results nor outputs that exist (logging sinks).
 # `devices` and `runtime.*` (device and process counts, recorded in config.json): a run
 # may resume on another number of devices (results differ by summation order only).
-_IGNORED_FIELDS = ("log.", "devices", "runtime.", "distributed", "cluster.")
+_IGNORED_FIELDS = (
+    "log.",
+    "devices",
+    "runtime.",
+    "distributed",
+    "cluster.",
+    "compilation_cache",
+)
 # Fields added after workdirs were written: an absent one had this value.
 _ADDED_FIELD_DEFAULTS = {"precision": "float32"}
 # Among those, fields that only add evaluations of their own (eval_<...>/ folders).

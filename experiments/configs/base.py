@@ -26,6 +26,10 @@ def base_config() -> ml_collections.ConfigDict:
     # forces of 32 replicas) and far more on most GPUs; use it to check that a result
     # does not depend on rounding.
     c.precision = "float32"
+    # Persistent XLA compilation cache (`stablejax.compile_cache`): a second run of a
+    # preset (another seed, a resumed run) loads the compiled programs instead of
+    # compiling them again; "" turns it off. The run log prints the compile time.
+    c.compilation_cache = "~/.cache/stablejax/xla"
     # Devices the replicas are split over (`stablejax.sharding`: MD state, neighbour
     # lists, stability checks, estimator samples; parameters replicated): k = the first
     # k devices (md.n_replicas and eval.n_replicas must be multiples of k); 0 = the most

@@ -17,8 +17,18 @@ module replaced.
 The minimum image by rounding fractional coordinates is exact for every
 displacement shorter than half the smallest perpendicular width of the cell
 (``perpendicular_widths``): |s_i| <= |d| / width_i < 1/2. Cutoff-based code
-checks this with ``cutoff_fits_cell``; a cell too small for the cutoff
-needs a supercell (``potentials.ase_calculator.supercell_repeats``).
+checks this with ``cutoff_fits_cell``.
+
+Cells narrower than twice the cutoff. A pair may then interact through
+several periodic images (an atom even with its own images), so edges carry
+the integer lattice shift s of the neighbour: ``[5, e]`` int32 edges
+(i, j, s_1, s_2, s_3), vector r_j - r_i + s cell (``shift_vectors``; cell =
+diag(box) for a [3] box), padding i = j = n (shift 0). ``image_shifts`` is
+the static set of lattice shifts that covers a radius, ``image_edges_np``
+(host-side) and ``image_edges`` (jittable, static capacity) build such
+lists. Both enumerate minimum-image displacements d0 (fractional coordinates
+in [-1/2, 1/2]) plus every shift n of ``image_shifts``: since
+|d0 + n cell| >= |f_k + n_k| width_k, no image within the radius is missed.
 """
 
 from __future__ import annotations
@@ -41,6 +51,13 @@ __all__ = [
     "wrap_positions",
     "wrap_positions_np",
     "cutoff_edges_np",
+    "needs_image_edges",
+    "image_reach",
+    "shift_grid",
+    "image_shifts",
+    "shift_vectors",
+    "image_edges_np",
+    "image_edges",
 ]
 
 
@@ -215,7 +232,8 @@ def cutoff_edges_np(positions: np.ndarray, cutoff: float, box=None) -> np.ndarra
       [2, e] int32 (centre i, neighbour j), i != j, in row-major (i, j) order.
 
     Raises:
-      ValueError: the cutoff does not fit the cell (minimum image would miss images).
+      ValueError: the cutoff does not fit the cell (minimum image would miss
+        images; use `image_edges_np`).
     """
     x = np.asarray(positions, dtype=np.float64)
     n = x.shape[0]
@@ -224,9 +242,146 @@ def cutoff_edges_np(positions: np.ndarray, cutoff: float, box=None) -> np.ndarra
         raise ValueError(
             f"cutoff {cutoff} Å exceeds half the shortest box side (perpendicular width "
             f"of the cell; {0.5 * perpendicular_widths(box).min():.3f} Å): minimum-image "
-            "edge lists would miss periodic images"
+            "edge lists would miss periodic images (use image_edges_np for edges with "
+            "lattice shifts)"
         )
     d = minimum_image_np(x[None, :, :] - x[:, None, :], box)
     r2 = np.einsum("ijk,ijk->ij", d, d)
     i, j = np.nonzero((r2 < cutoff * cutoff) & ~np.eye(n, dtype=bool))
     return np.stack([i, j]).astype(np.int32)
+
+
+# ------------------------------------------------------------ edges with image shifts
+
+
+def needs_image_edges(cutoff: float, box) -> bool:
+    """Whether a list of radius `cutoff` needs image-shift edges: cutoff >= half the
+    smallest perpendicular width (the complement of `cutoff_fits_cell`)."""
+    return box is not None and not cutoff_fits_cell(cutoff, box)
+
+
+def image_reach(box, cutoff: float) -> np.ndarray:
+    """[3] int: floor(cutoff / width_i + 1/2), the largest |n_i| of an image within `cutoff`.
+
+    Args:
+      box: [3] Å side lengths or [3, 3] Å cell (lattice vectors as rows).
+      cutoff: Å.
+    """
+    return np.floor(cutoff / perpendicular_widths(box) + 0.5).astype(np.int64)
+
+
+def shift_grid(reach) -> np.ndarray:
+    """All integer shifts n [k, 3] int32 with |n_i| <= reach_i, the zero shift first."""
+    axes = [np.arange(-int(m), int(m) + 1) for m in reach]
+    grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
+    grid = grid[np.argsort(np.any(grid != 0, axis=1), kind="stable")]
+    return grid.astype(np.int32)
+
+
+def image_shifts(box, cutoff: float) -> np.ndarray:
+    """Lattice shifts n [k, 3] int32 with |n_i| <= floor(cutoff / width_i + 1/2), zero first.
+
+    Added to minimum-image displacements (fractional components in [-1/2, 1/2]),
+    they reach every periodic image within `cutoff` (see the module docstring).
+    Several boxes: ``shift_grid`` of the element-wise largest ``image_reach``.
+
+    Args:
+      box: [3] Å side lengths or [3, 3] Å cell (lattice vectors as rows).
+      cutoff: Å.
+    """
+    return shift_grid(image_reach(box, cutoff))
+
+
+def shift_vectors(shifts, box):
+    """Cartesian lattice vectors s cell [..., 3] Å of integer shifts s [..., 3] (traceable).
+
+    Args:
+      shifts: [..., 3] int lattice shifts.
+      box: [3] Å side lengths (cell diag(box)) or [3, 3] Å cell (lattice vectors as rows).
+    """
+    box = jnp.asarray(box)
+    s = jnp.asarray(shifts).astype(box.dtype)
+    if not is_cell(box):
+        return s * box
+    return s @ box
+
+
+def _pair_images(d: np.ndarray, box, shifts: np.ndarray):
+    """(vectors [n, n, k, 3], shifts [n, n, k, 3]) of displacements d [n, n, 3] (NumPy)."""
+    cell = cell_matrix(box)
+    f = d @ np.linalg.inv(cell)
+    r = np.round(f)
+    d0 = (f - r) @ cell
+    vec = d0[:, :, None, :] + (shifts @ cell)[None, None]
+    s = shifts[None, None] - r[:, :, None, :].astype(np.int64)
+    return vec, s
+
+
+def image_edges_np(positions: np.ndarray, box, cutoff: float) -> np.ndarray:
+    """Directed edges with lattice shifts of all periodic images closer than `cutoff`.
+
+    Host-side, dense over atom pairs x `image_shifts` (small cells; data
+    preparation and tests). Works for any cutoff, also below half the width
+    (then every pair has at most one image and shift).
+
+    Args:
+      positions: [n, 3] Å (need not be wrapped; the shifts refer to them as given).
+      box: [3] Å side lengths or [3, 3] Å cell (lattice vectors as rows).
+      cutoff: Å.
+
+    Returns:
+      [5, e] int32 (i, j, s_1, s_2, s_3): |x_j - x_i + s cell| < cutoff, including
+      an atom's own images (i = j, s != 0) and excluding (i, i, 0); ordered by
+      (i, j, shift).
+    """
+    x = np.asarray(positions, dtype=np.float64)
+    n = x.shape[0]
+    shifts = image_shifts(box, cutoff).astype(np.int64)
+    vec, s = _pair_images(x[None, :, :] - x[:, None, :], box, shifts)
+    keep = np.einsum("ijkx,ijkx->ijk", vec, vec) < cutoff * cutoff
+    keep &= ~(np.eye(n, dtype=bool)[:, :, None] & np.all(s == 0, axis=-1))
+    i, j, k = np.nonzero(keep)
+    return np.concatenate([np.stack([i, j]), s[i, j, k].T]).astype(np.int32)
+
+
+def image_edges(positions: jax.Array, box, cutoff: float, shifts, capacity: int):
+    """Jittable twin of `image_edges_np` with a static shift set and capacity.
+
+    Brute force over atom pairs x shifts, O(n^2 k) memory and time: meant for
+    the small cells that need images (the MD engine's list for cells narrower
+    than twice its radius), not for large systems (jax-md cell lists).
+
+    Args:
+      positions: [n, 3] Å (unwrapped is fine; shifts refer to them as given).
+      box: [3] Å side lengths or [3, 3] Å cell (lattice vectors as rows).
+      cutoff: list radius, Å.
+      shifts: [k, 3] int lattice shifts covering the radius (`image_shifts`,
+        concrete: it fixes shapes).
+      capacity: number of edge slots (static).
+
+    Returns:
+      (edges [5, capacity] int32 padded with (n, n, 0, 0, 0), count [] int32 of
+      edges found; count > capacity means the list overflowed and is incomplete).
+    """
+    x = jnp.asarray(positions)
+    n = x.shape[0]
+    shifts = np.asarray(shifts, dtype=np.int32)
+    box = jnp.asarray(box, dtype=x.dtype)
+    d = x[None, :, :] - x[:, None, :]
+    f = to_fractional(d, box)
+    r = jnp.round(f)
+    d0 = shift_vectors(f - r, box)
+    vec = d0[:, :, None, :] + shift_vectors(jnp.asarray(shifts), box)[None, None]
+    keep = jnp.sum(vec * vec, axis=-1) < cutoff * cutoff  # [n, n, k]
+    zero = np.all(shifts == 0, axis=-1)
+    keep = keep & ~(jnp.eye(n, dtype=bool)[:, :, None] & jnp.asarray(zero)[None, None, :])
+    count = jnp.sum(keep, dtype=jnp.int32)
+    (flat,) = jnp.nonzero(keep.reshape(-1), size=capacity, fill_value=-1)
+    ok = flat >= 0
+    flat = jnp.where(ok, flat, 0)
+    k = shifts.shape[0]
+    i, j, t = flat // (n * k), (flat // k) % n, flat % k
+    s = jnp.asarray(shifts)[t] - r[i, j].astype(jnp.int32)
+    ij = jnp.where(ok[None], jnp.stack([i, j]).astype(jnp.int32), n)
+    s = jnp.where(ok[:, None], s, 0).T
+    return jnp.concatenate([ij, s]).astype(jnp.int32), count

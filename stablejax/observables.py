@@ -109,6 +109,34 @@ def _check_box(box, r_max: float) -> None:
         )
 
 
+def _rdf_image_shifts(box, r_max: float, sigma: float) -> np.ndarray | None:
+    """Lattice shifts for an RDF whose r_max exceeds half the smallest width, else None.
+
+    The shifts cover r_max plus the smearing tail, so that every image whose
+    Gaussian reaches the histogram is counted. None (minimum image) for a box
+    that fits or is traced (vmapped NPT boxes: the caller is responsible).
+    """
+    try:
+        b = np.asarray(box, dtype=float)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+    if b.shape not in ((3,), (3, 3)):
+        raise ValueError(
+            f"box must be [3] side lengths or a [3, 3] cell (lattice vectors as rows) in Å, "
+            f"got shape {b.shape}"
+        )
+    if r_max <= 0.5 * float(geometry.perpendicular_widths(b).min()) + 1e-9:
+        return None
+    return geometry.image_shifts(b, r_max + _SMEAR_TAIL_SIGMAS * sigma)
+
+
+def _image_distances(positions, i, j, box, shifts) -> jax.Array:
+    """|x_j - x_i + n cell| [p * k] for the listed pairs and every shift n [k, 3]."""
+    d = _minimum_image(positions[j] - positions[i], box)
+    vec = d[:, None, :] + geometry.shift_vectors(shifts, jnp.asarray(box, positions.dtype))
+    return jnp.sqrt(jnp.maximum(jnp.sum(vec * vec, axis=-1), 1e-24)).reshape(-1)
+
+
 def _concrete_int_array(x, name: str) -> np.ndarray:
     try:
         return np.asarray(x).astype(np.int64)
@@ -270,6 +298,18 @@ def radial_distribution_function(
     N_a^2, which tends to (N_a - 1)/N_a). With `pair=None` all atoms count as one
     species (e.g. a Lennard-Jones fluid).
 
+    Small cells. When r_max exceeds half the smallest perpendicular width, C_ab
+    counts every periodic image within reach instead (i in the cell, j any
+    image of a b atom, including i's own images i + n cell, n != 0, for a == b),
+    as a supercell large enough for minimum image would; the normaliser V /
+    (N_a N_b) or V / (N_a (N_a - 1)) is unchanged, so the bins below half the
+    width are the same as with a smaller r_max. Unlike pairs then give exactly
+    the supercell's g(r) (an ideal gas -> 1 everywhere); for like pairs the
+    supercell (M copies) normalises by M N_a (M N_a - 1) instead, so
+    g_cell N_a (N_a - 1) = g_supercell M N_a (M N_a - 1) / M^2, and the atom's
+    own images (a lattice) add on average N_a / (N_a - 1) - 1 beyond the
+    shortest lattice vector for an ideal gas. Cost O(pairs x shifts) per frame.
+
     Smearing: see the module docstring; sigma=0 gives the plain histogram RDF that
     MDsim/StABlE use for evaluation (the RDF-MAE stability criterion), sigma > 0 a
     differentiable RDF (needed only by differentiable-simulation baselines; the
@@ -278,9 +318,10 @@ def radial_distribution_function(
     Args:
       positions: [..., n, 3] Å (leading axes are batch axes).
       species: [n] atomic numbers (concrete), or None when pair is None.
-      box: [3] Å box side lengths or [3, 3] Å cell (lattice vectors as rows); r_max
-        must be <= half the smallest perpendicular width. The density uses the
-        cell volume (|det| for a cell).
+      box: [3] Å box side lengths or [3, 3] Å cell (lattice vectors as rows). The
+        density uses the cell volume (|det| for a cell). An r_max beyond half the
+        smallest perpendicular width counts periodic images (see above; needs a
+        concrete box: with a traced box the minimum image is used regardless).
       pair: (a, b) atomic numbers, order irrelevant ((8, 1) = O-H), or None for all atoms.
       r_max: upper edge of the histogram, Å (water: 6).
       dr: bin width, Å (water: 0.01).
@@ -297,18 +338,39 @@ def radial_distribution_function(
             "radial_distribution_function needs a periodic box; use distance_histogram"
         )
     n_bins = _n_bins(r_max, dr)
-    _check_box(box, r_max)
+    if sigma < 0:
+        raise ValueError(f"sigma must be >= 0, got {sigma}")
+    shifts = _rdf_image_shifts(box, r_max, sigma)
     n = jnp.shape(positions)[-2]
     i, j, n_ordered = _rdf_pairs(species, pair, n)
+    like = pair is None or int(pair[0]) == int(pair[1])
     # Unordered like pairs are counted once, so they weigh twice in the ordered count.
-    multiplicity = 2.0 if (pair is None or int(pair[0]) == int(pair[1])) else 1.0
+    multiplicity = 2.0 if like else 1.0
     edges = bin_edges(r_max, dr)
     shell = 4.0 / 3.0 * np.pi * (edges[1:] ** 3 - edges[:-1] ** 3)
+    self_counts = None
+    if shifts is not None and like:
+        # Each atom's own images at the lattice vectors n cell, n != 0: half of them
+        # (n > 0 lexicographically) with multiplicity 2, like the unordered pairs.
+        if pair is None:
+            n_centres = n
+        else:
+            n_centres = int(np.sum(_concrete_int_array(species, "species") == int(pair[0])))
+        half = shifts[[tuple(v) > (0, 0, 0) for v in shifts.tolist()]]
+        lattice = np.linalg.norm(half @ geometry.cell_matrix(box), axis=-1)
+        self_counts = n_centres * smeared_histogram(
+            jnp.asarray(lattice), n_bins=n_bins, dr=dr, sigma=sigma
+        )
 
     def one(x):
         volume = geometry.cell_volume(jnp.asarray(box, dtype=x.dtype))
-        d = _pair_distances(x, i, j, box)
+        if shifts is None:
+            d = _pair_distances(x, i, j, box)
+        else:
+            d = _image_distances(x, i, j, box, shifts)
         counts = smeared_histogram(d, n_bins=n_bins, dr=dr, sigma=sigma)
+        if self_counts is not None:
+            counts = counts + self_counts.astype(x.dtype)
         return multiplicity * counts * volume / (n_ordered * jnp.asarray(shell, x.dtype))
 
     return _over_leading_axes(one, positions, 2)

@@ -181,8 +181,10 @@ def test_general_cell_refusals():
         md.Simulator(
             energy_fn, species=species, box=cell, integrator=md.BerendsenNPT(), cutoff=CUTOFF
         )
-    with pytest.raises(ValueError, match="half the smallest box side"):
-        md.Simulator(energy_fn, species=species, box=cell, cutoff=7.5)  # width L/sqrt2 = 14.1
+    # A cutoff beyond half the width (L/sqrt2 = 14.1 Å) gets image-shift edges.
+    sim = md.Simulator(energy_fn, species=species, box=cell, cutoff=7.5)
+    assert md.neighbors.uses_images(sim.cutoff, sim.skin, cell[None])
+    assert not md.neighbors.uses_images(CUTOFF, sim.skin, cell[None])
     with pytest.raises(ValueError, match="Degenerate"):
         md.Simulator(energy_fn, species=species, box=np.ones((3, 3)), cutoff=CUTOFF)
 
@@ -205,8 +207,12 @@ def test_rdf_and_rdf_criterion_of_a_cell_match_the_orthorhombic_description():
     assert float(jnp.max(g_o)) > 0.5  # pairs across the boundaries are counted
     # The density uses the cell volume |det| (a rotated cell's diagonal is not its sides).
     assert float(geometry.cell_volume(cell)) == pytest.approx(float(np.prod(box)), rel=1e-12)
-    with pytest.raises(ValueError, match="half the shortest"):
-        observables.radial_distribution_function(x @ rot.T, species, cell, pair=(8, 1), r_max=3.5)
+    # Beyond half the width the RDF counts periodic images (tests/test_image_edges.py);
+    # the bins below it are unchanged.
+    g_far = observables.radial_distribution_function(
+        x @ rot.T, species, cell, **dict(kw, r_max=3.5)
+    )
+    np.testing.assert_allclose(g_far[:, :50], g_t[:, :50], rtol=1e-10, atol=1e-12)
     # The RDF criterion: shared cell and one cell per frame agree with the box.
     refs = {(8, 1): np.asarray(g_o).mean(0) * 0.9}
     settings = dict(r_max=r_max, dr=0.05, sigma=0.02)

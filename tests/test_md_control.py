@@ -203,10 +203,23 @@ def test_second_run_does_not_recompile(nve_sim):
     assert sim.num_traces == traces
 
 
-def test_cutoff_larger_than_half_box_raises():
-    with pytest.raises(ValueError, match="half the smallest box side"):
-        md.Simulator(make_lj(6.0), species=SPECIES, box=[20.0, 11.0, 20.0], cutoff=6.0)
+def test_cutoff_larger_than_half_box():
+    # Fixed boxes: image-shift edges ([5, e]; tests/test_image_edges.py).
+    sim = md.Simulator(make_lj(6.0), species=SPECIES, box=[20.0, 11.0, 20.0], cutoff=6.0)
+    assert sim.init(jax.random.PRNGKey(0), ARGON, _positions(1), KT).neighbors.edges.shape[1] == 5
     sim = md.Simulator(make_lj(5.0), species=SPECIES, box=[20.0, 20.0, 20.0], cutoff=5.0)
+    assert sim.init(jax.random.PRNGKey(0), ARGON, _positions(1), KT).neighbors.edges.shape[1] == 2
+    small = sim.init(jax.random.PRNGKey(0), ARGON, _positions(1), KT, box=[[9.0, 20.0, 20.0]])
+    assert small.neighbors.edges.shape[1] == 5
+    # The barostat changes the box: minimum image only.
+    npt = md.BerendsenNPT()
+    with pytest.raises(ValueError, match="half the smallest box side"):
+        md.Simulator(
+            make_lj(6.0), species=SPECIES, box=[20.0, 11.0, 20.0], cutoff=6.0, integrator=npt
+        )
+    sim = md.Simulator(
+        make_lj(5.0), species=SPECIES, box=[20.0, 20.0, 20.0], cutoff=5.0, integrator=npt
+    )
     with pytest.raises(ValueError, match="half the smallest box side"):
         sim.init(jax.random.PRNGKey(0), ARGON, _positions(1), KT, box=[[9.0, 20.0, 20.0]])
     with pytest.raises(ValueError, match="cutoff"):

@@ -156,8 +156,10 @@ def test_rdf_of_ideal_gas_is_one():
 
 def test_rdf_rejects_bad_input():
     x = np.zeros((4, 3))
+    # r_max beyond half the box: the RDF counts images (tests/test_image_edges.py), the
+    # per-pair distance histogram h(r) refuses.
     with pytest.raises(ValueError, match="half the shortest"):
-        obs.radial_distribution_function(x, None, np.array([5.0, 5, 5]), pair=None, r_max=3.0)
+        obs.distance_histogram(x, box=np.array([5.0, 5, 5]), r_max=3.0)
     with pytest.raises(ValueError, match="no atoms"):
         obs.radial_distribution_function(
             x, np.array([8, 1, 1, 1]), np.array([13.0] * 3), pair=(8, 6)

@@ -35,6 +35,22 @@ What we do differently, and why:
   fractional positions, so the list is that of the cell itself. Boxes are
   [3] or [3, 3] throughout one Simulator, never mixed.
 
+* Small cells (image shifts). When the list radius cutoff + skin is not
+  below half the smallest perpendicular width, a pair can interact through
+  several periodic images (and an atom with its own), which minimum-image
+  [2, e] edges cannot express. ``make_layout`` then returns an
+  ``ImageLayout`` and the lists are [5, e] edges with integer lattice shifts
+  (``geometry.image_edges``, rows 2..4, vector r_j - r_i + s cell; see
+  ``stablejax.potentials.base``): a brute-force O(n^2 k) build over atom
+  pairs x a static shift set that covers the radius, fine for the small
+  cells that need it. Same ``NeighborState``, rebuild rule (fixed cells:
+  a displacement beyond skin / 2) and overflow handling (the
+  NEIGHBOR_LIST_OVERFLOW bit; the Simulator grows the capacity and redoes
+  the chunk). The shifts refer to the unwrapped positions as they are (the
+  build rounds each pair's fractional displacement and folds the rounding
+  into the shift), so nothing is wrapped. Fixed cells only: the shift set is
+  static (the Simulator refuses Berendsen NPT here).
+
 Positions handed to the energy function stay unwrapped (continuous); only the
 cell list sees wrapped fractional coordinates.
 """
@@ -63,7 +79,9 @@ class NeighborState:
     """Per-replica neighbour list (leading replica axis when batched).
 
     Attributes:
-      edges: [2, e] int32 directed edges, padding value n (jax-md Sparse idx).
+      edges: [2, e] int32 directed edges, padding value n (jax-md Sparse idx),
+        or [5, e] int32 edges with lattice shifts (``ImageLayout``; padding
+        (n, n, 0, 0, 0)).
       reference: [n, 3] fractional (unwrapped) positions at the last build.
       reference_box: [3] Å box or [3, 3] Å cell at the last build.
       error: [] uint8 jax-md PartitionErrorCode bits accumulated since the
@@ -89,6 +107,67 @@ class NeighborLayout:
     update_fn: Any
 
 
+@pydataclasses.dataclass(frozen=True, eq=False)
+class ImageLayout:
+    """Static information of image-shift lists (cells narrower than twice the radius).
+
+    Attributes:
+      cutoff: interaction cutoff in Å.
+      skin: extra list radius in Å.
+      shifts: [k, 3] int32 lattice shifts covering cutoff + skin for every
+        replica's cell (``geometry.image_shifts``), the zero shift first.
+    """
+
+    cutoff: float
+    skin: float
+    shifts: np.ndarray
+
+
+#: Spare edge capacity of a new image-shift list (as jax-md's capacity_multiplier).
+IMAGE_CAPACITY_MULTIPLIER = 1.25
+
+
+def uses_images(cutoff: float, skin: float, boxes) -> bool:
+    """Whether lists of radius cutoff + skin need image shifts for any of the boxes [R, ...]."""
+    return any(geometry.needs_image_edges(cutoff + skin, b) for b in np.asarray(boxes))
+
+
+def make_image_layout(cutoff: float, skin: float, positions, boxes):
+    """``ImageLayout`` for boxes [R, 3] / cells [R, 3, 3] and a suggested edge capacity.
+
+    The capacity is ``IMAGE_CAPACITY_MULTIPLIER`` x the largest edge count of
+    the given positions [R, n, 3].
+    """
+    boxes = np.asarray(boxes, dtype=np.float64)
+    radius = cutoff + skin
+    reach = np.max([geometry.image_reach(b, radius) for b in boxes], axis=0)
+    layout = ImageLayout(float(cutoff), float(skin), geometry.shift_grid(reach))
+    positions = np.asarray(positions, dtype=np.float64)
+    count = max(
+        geometry.image_edges_np(x, b, radius).shape[1]
+        for x, b in zip(positions, boxes, strict=True)
+    )
+    return layout, max(1, math.ceil(IMAGE_CAPACITY_MULTIPLIER * count))
+
+
+def max_edges(layout, n: int) -> int:
+    """Most edges a list can ever hold (the capacity never grows beyond it)."""
+    if isinstance(layout, ImageLayout):
+        return n * n * layout.shifts.shape[0] - n
+    return n * (n - 1)
+
+
+def pad_edges(edges, capacity: int, n: int):
+    """Edges [..., 2 | 5, e] padded to ``capacity`` slots: atoms n, shifts 0."""
+    extra = capacity - edges.shape[-1]
+    if extra <= 0:
+        return edges
+    rows = edges.shape[-2]
+    fill = jnp.asarray([n, n, 0, 0, 0][:rows], edges.dtype)[:, None]
+    pad = jnp.broadcast_to(fill, edges.shape[:-1] + (extra,))
+    return jnp.concatenate([edges, pad], axis=-1)
+
+
 def _wrap(u):
     return jnp.mod(u, 1.0)
 
@@ -105,7 +184,7 @@ def _smallest_width(boxes) -> np.ndarray:
     return np.array([geometry.perpendicular_widths(b).min() for b in boxes])
 
 
-def make_layout(cutoff: float, skin: float, positions, boxes, cell_capacity=None):
+def make_layout(cutoff: float, skin: float, positions, boxes, cell_capacity=None, images=None):
     """Allocate a jax-md list on the replica with the smallest box to fix static shapes.
 
     Args:
@@ -114,12 +193,21 @@ def make_layout(cutoff: float, skin: float, positions, boxes, cell_capacity=None
       positions: [R, n, 3] Å.
       boxes: [R, 3] Å boxes or [R, 3, 3] Å cells (lattice vectors as rows).
       cell_capacity: override of the cell-list capacity (grown on overflow).
+      images: True: an ``ImageLayout``; False: a jax-md layout (the cutoff
+        alone must be below half the smallest width: minimum image); None:
+        decide by ``uses_images``.
 
     Returns:
-      (layout, suggested edge capacity).
+      (layout, suggested edge capacity). The layout is an ``ImageLayout``
+      (edges with lattice shifts) when cutoff + skin is not below half the
+      smallest perpendicular width of some box, else a jax-md ``NeighborLayout``.
     """
     positions = np.asarray(positions)
     boxes = np.asarray(boxes)
+    if images is None:
+        images = uses_images(cutoff, skin, boxes)
+    if images:
+        return make_image_layout(cutoff, skin, positions, boxes)
     r = int(np.argmin(_smallest_width(boxes)))
     box = jnp.asarray(boxes[r])
     jbox = _jax_md_box(box)
@@ -163,6 +251,12 @@ def build(layout: NeighborLayout, position, box, capacity: int) -> NeighborState
     """
     n = position.shape[0]
     u = geometry.to_fractional(position, box)
+    if isinstance(layout, ImageLayout):
+        edges, count = geometry.image_edges(
+            position, box, layout.cutoff + layout.skin, layout.shifts, capacity
+        )
+        error = jnp.where(count > capacity, jnp.uint8(_NEIGHBOR_OVERFLOW), jnp.uint8(0))
+        return NeighborState(edges=edges, reference=u, reference_box=box, error=error)
     template = partition.NeighborList(
         idx=jnp.full((2, capacity), n, jnp.int32),
         reference_position=_wrap(u),
@@ -179,8 +273,7 @@ def build(layout: NeighborLayout, position, box, capacity: int) -> NeighborState
         warnings.filterwarnings("ignore", message="scatter inputs have incompatible types")
         nbr = layout.fns.update(_wrap(u), template, box=_jax_md_box(box))
     edges = nbr.idx.astype(jnp.int32)
-    if edges.shape[1] < capacity:  # jax-md clips to the number of candidates
-        edges = jnp.pad(edges, ((0, 0), (0, capacity - edges.shape[1])), constant_values=n)
+    edges = pad_edges(edges, capacity, n)  # jax-md clips to the number of candidates
     error = nbr.error.code & jnp.uint8(ERROR_MASK)
     return NeighborState(edges=edges, reference=u, reference_box=box, error=error)
 
@@ -206,9 +299,10 @@ def needs_rebuild(layout: NeighborLayout, nbr: NeighborState, position, box):
 
 def grow(layout: NeighborLayout, capacity: int, error_bits: int, positions, boxes, n: int):
     """New (layout, capacity) after an overflow with the given OR-ed error bits."""
-    max_edges = n * (n - 1)
     if error_bits & _NEIGHBOR_OVERFLOW:
-        capacity = min(max_edges, max(capacity + n, math.ceil(1.5 * capacity)))
+        capacity = min(max_edges(layout, n), max(capacity + n, math.ceil(1.5 * capacity)))
+    if isinstance(layout, ImageLayout):
+        return layout, capacity
     cell_capacity = layout.cell_capacity
     if error_bits & _CELL_OVERFLOW and cell_capacity is not None:
         cell_capacity = math.ceil(1.5 * cell_capacity) + 1

@@ -152,8 +152,9 @@ class Simulator:
       >>> traj.position.shape  # (R, 100, n, 3)
 
     Args:
-      energy_fn: ``(params, positions [n,3] Å, edges [2,e] int32 (padding n),
-        box [3] Å | [3, 3] Å | None) -> scalar eV`` for one replica; forces are -grad.
+      energy_fn: ``(params, positions [n,3] Å, edges [2,e] or [5,e] int32 (padding
+        n; see ``cutoff``), box [3] Å | [3, 3] Å | None) -> scalar eV`` for one
+        replica; forces are -grad.
       species: [n] atomic numbers (used for masses only; close over them in
         ``energy_fn``).
       masses: [n] amu; default ``ase.data.atomic_masses[species]``.
@@ -161,9 +162,14 @@ class Simulator:
         vectors as rows, ASE convention; not with ``BerendsenNPT``), or None for
         free space (molecules, dense all-pairs edges).
       integrator: ``NVE``, ``Langevin``, ``NoseHooverChain`` or ``BerendsenNPT``.
-      cutoff: interaction cutoff in Å; required for a periodic box (must be at
-        most half the smallest box side, or perpendicular width of a cell);
-        unused in free space.
+      cutoff: interaction cutoff in Å; required for a periodic box; unused in
+        free space. When cutoff + skin is not below half the smallest
+        perpendicular width of the cell, the neighbour lists are [5, e] edges
+        with integer image shifts (``neighbors.ImageLayout``; brute force,
+        meant for small cells) and the energy function must accept them
+        (``stablejax.potentials.base``); otherwise jax-md cell lists give
+        minimum-image [2, e] edges. ``BerendsenNPT`` needs the cutoff at most
+        half the smallest box side (no image shifts under a changing box).
       skin: neighbour-list skin in Å (list radius cutoff + skin).
       chunk_steps: steps per jitted chunk (rounded down to a multiple of
         ``record_every``, at least one frame).
@@ -224,7 +230,8 @@ class Simulator:
                 )
             if cutoff is None:
                 raise ValueError("a periodic box needs the interaction cutoff (Å)")
-            _check_cutoff(cutoff, box[None])
+            if isinstance(integrator, _integrators.BerendsenNPT):
+                _check_cutoff(cutoff, box[None])
             if skin < 0:
                 raise ValueError(f"skin must be >= 0, got {skin}")
         elif isinstance(integrator, _integrators.BerendsenNPT):
@@ -389,7 +396,8 @@ class Simulator:
             boxes = np.broadcast_to(
                 self.box if box is None else np.asarray(box), (R,) + self.box.shape
             )
-            _check_cutoff(self.cutoff, boxes)
+            if self._npt:
+                _check_cutoff(self.cutoff, boxes)
             boxes = jnp.asarray(boxes, dtype)
             neighbors = self._allocate_neighbors(positions, boxes)
         elif box is not None:
@@ -416,12 +424,26 @@ class Simulator:
 
     def _allocate_neighbors(self, positions, boxes):
         """Allocate lists for all replicas, growing capacity until nothing overflows."""
-        if self._layout is None:
-            self._layout, suggested = _neighbors.make_layout(
-                self.cutoff, self.skin, positions, boxes
+        layout = self._layout
+        if self._npt:
+            images = False  # the barostat changes the box: minimum image only
+        else:
+            images = _neighbors.uses_images(self.cutoff, self.skin, _sharding.to_host(boxes))
+            images = images or isinstance(layout, _neighbors.ImageLayout)
+        if layout is None or images:
+            layout, suggested = _neighbors.make_layout(
+                self.cutoff, self.skin, positions, boxes, images=images
             )
+            old = self._layout
+            if (
+                isinstance(old, _neighbors.ImageLayout)
+                and old.shifts.shape == layout.shifts.shape
+                and np.array_equal(old.shifts, layout.shifts)
+            ):
+                layout = old  # same static shapes: keep the compiled chunks
+            self._layout = layout
             self._capacity = max(self._capacity, suggested)
-        capacity = min(max(self._capacity, 1), self.n_atoms * (self.n_atoms - 1))
+        capacity = min(max(self._capacity, 1), _neighbors.max_edges(self._layout, self.n_atoms))
         for _ in range(_MAX_REDOS):
             nbrs = self._build_jit(self._layout, capacity)(positions, boxes)
             bits = int(np.bitwise_or.reduce(np.asarray(nbrs.error)))
@@ -634,12 +656,7 @@ class Simulator:
         n = self.n_atoms
 
         def pad(nb):
-            e = nb.edges
-            extra = capacity - e.shape[-1]
-            if extra <= 0:
-                return nb
-            widths = [(0, 0)] * (e.ndim - 1) + [(0, extra)]
-            return nb.set(edges=jnp.pad(e, widths, constant_values=n))
+            return nb.set(edges=_neighbors.pad_edges(nb.edges, capacity, n))
 
         state = state.set(neighbors=pad(state.neighbors))
         if state.history is not None:
@@ -819,7 +836,11 @@ class Simulator:
 
 
 def _check_cutoff(cutoff, boxes, during_run: bool = False):
-    """Boxes [R, 3] or cells [R, 3, 3]: cutoff <= half the smallest perpendicular width."""
+    """Berendsen NPT, boxes [R, 3]: cutoff <= half the smallest side (minimum image).
+
+    Fixed cells need no check: lists of cells narrower than twice the radius
+    carry image shifts (``neighbors.ImageLayout``).
+    """
     boxes = np.asarray(boxes)
     if boxes.ndim == 2:
         smallest = float(boxes.min())
@@ -829,7 +850,7 @@ def _check_cutoff(cutoff, boxes, during_run: bool = False):
         msg = (
             f"cutoff {cutoff} Å is larger than half the smallest box side ({smallest} Å; "
             "perpendicular width for a cell); the minimum-image convention would miss "
-            "interactions"
+            "interactions, and BerendsenNPT cannot use image-shift edges (fixed cells only)"
         )
         if during_run:
             msg += " (the Berendsen barostat shrank the box)"

@@ -41,6 +41,12 @@ reference setup; `max_neighbors=64` removes the truncation. Unlike OCP, which
 re-symmetrises the truncated graph, a kept edge i -> j whose reverse j -> i was
 dropped simply receives no swapped message.
 
+Small periodic cells. Edges with image shifts ([5, e], see
+`stablejax.potentials.base`; cells narrower than twice the cutoff) are
+supported: the reverse-edge matching of the edge swap is shift-aware (the
+reverse of i -> j + s cell is j -> i - s cell), and the slot count is then
+min(max_neighbors, e) since an atom can neighbour several images of one atom.
+
 Differences from the reference implementations, all deliberate:
 - Atom embedding table has `n_species` rows (contract of stablejax potentials)
   instead of one row per element up to Z=83/93.
@@ -155,8 +161,9 @@ def make_module(config: ml_collections.ConfigDict, n_species: int) -> GemNetT:
 def num_slots(n_atoms: int, max_neighbors: int) -> int:
     """Neighbour slots per atom, K = min(max_neighbors, n_atoms - 1) (at least 1).
 
-    Minimum-image edges never give an atom more than n_atoms - 1 distinct
-    neighbours, so small systems do not pay for `max_neighbors` slots.
+    Minimum-image ([2, e]) edges never give an atom more than n_atoms - 1 distinct
+    neighbours, so small systems do not pay for `max_neighbors` slots. (Edges with
+    image shifts use min(max_neighbors, e) slots, see `neighbor_slots`.)
     """
     return max(1, min(int(max_neighbors), int(n_atoms) - 1))
 
@@ -169,7 +176,10 @@ def triplet_capacity(n_atoms: int, max_neighbors: int) -> int:
 
 def _valid_edge_mask(edges: jax.Array, mask: jax.Array | None, n_atoms: int) -> jax.Array:
     i, j = edges[0], edges[1]
-    ok = (i < n_atoms) & (j < n_atoms) & (i != j)
+    distinct = i != j
+    if edges.shape[0] == 5:  # image shifts: i -> own image (s != 0) is an edge
+        distinct = distinct | jnp.any(edges[2:5] != 0, axis=0)
+    ok = (i < n_atoms) & (j < n_atoms) & distinct
     if mask is not None:
         ok = ok & mask
     return ok
@@ -286,12 +296,16 @@ def neighbor_slots(
 ) -> NeighborSlots:
     """Pack the valid edges of each centre atom into K slots, nearest first.
 
-    Jit-compatible with static output shapes; K = `num_slots(n_atoms, max_neighbors)`.
+    Jit-compatible with static output shapes; K = `num_slots(n_atoms, max_neighbors)`
+    for [2, e] edges, min(max_neighbors, e) for [5, e] edges with image shifts
+    (an atom may then neighbour several images of one atom, or its own).
     When an atom has more than K valid edges, the K nearest are kept.
 
     Args:
-      vectors: [e, 3] Å edge vectors r_j - r_i.
-      edges: [2, e] int32 (edges[0] = centre i, edges[1] = neighbour j), padding n_atoms.
+      vectors: [e, 3] Å edge vectors r_j - r_i (+ s cell).
+      edges: [2, e] int32 (edges[0] = centre i, edges[1] = neighbour j), padding n_atoms;
+        or [5, e] with lattice shifts s in rows 2..4 (`stablejax.potentials.base`): the
+        reverse of (i -> j, s) is then (j -> i, -s).
       mask: [e] bool, False for padding and beyond the cutoff.
       n_atoms: n (static).
       max_neighbors: slot cap (static).
@@ -300,8 +314,10 @@ def neighbor_slots(
       `NeighborSlots`.
     """
     n = int(n_atoms)
-    k = num_slots(n, max_neighbors)
     e = edges.shape[1]
+    images = edges.shape[0] == 5
+    # With image shifts an atom can have more than n - 1 neighbours (images).
+    k = max(1, min(int(max_neighbors), e)) if images else num_slots(n, max_neighbors)
     ok = _valid_edge_mask(edges, mask, n)
     centre = jnp.where(ok, edges[0], n)
     # Sorting keys only: the order must not carry gradients.
@@ -322,10 +338,15 @@ def neighbor_slots(
     nbr = jnp.concatenate([edges[1].astype(jnp.int32), jnp.array([n], jnp.int32)])[table]
     nbr = jnp.where(valid, nbr, n)
 
-    # Reverse edge j -> i: the slot of i in row j.
+    # Reverse edge j -> i: the slot of i in row j (with image shifts, the slot of
+    # (i, -s) for the edge (j, s): the reverse of i -> j + s cell is j -> i - s cell).
     jj = jnp.where(valid, nbr, 0)
     row_j = jnp.where(valid[jj], nbr[jj], -1)  # [n, K, K]: neighbours of j
     hit = row_j == jnp.arange(n)[:, None, None]
+    if images:
+        zero = jnp.zeros((1, 3), jnp.int32)
+        shift = jnp.concatenate([edges[2:5].T.astype(jnp.int32), zero])[table]  # [n, K, 3]
+        hit = hit & jnp.all(shift[jj] == -shift[:, :, None, :], axis=-1)
     has_reverse = jnp.any(hit, axis=-1) & valid
     reverse_slot = jnp.argmax(hit, axis=-1).astype(jnp.int32)
     return NeighborSlots(table, nbr, valid, vec, reverse_slot, has_reverse)
@@ -569,9 +590,10 @@ class GemNetT(nn.Module):
 
     Call args:
       species_idx: [n] int32 in [0, n_species).
-      vectors: [e, 3] Å edge vectors r_j - r_i (minimum image); padded edges carry
-        a dummy non-zero vector.
-      edges: [2, e] int32 (edges[0] = centre i, edges[1] = neighbour j), padding n.
+      vectors: [e, 3] Å edge vectors r_j - r_i (minimum image, or + s cell with
+        image shifts); padded edges carry a dummy non-zero vector.
+      edges: [2, e] int32 (edges[0] = centre i, edges[1] = neighbour j), padding n;
+        or [5, e] with lattice shifts s in rows 2..4 (small periodic cells).
       mask: [e] bool, False for padding and beyond the cutoff.
 
     Returns:

@@ -14,11 +14,15 @@ Each message-passing architecture lives in `stablejax/potentials/<name>.py`
 
   - species_idx: [n] int32 species indices in [0, n_species) (not atomic numbers;
     index k means atomic number config.species[k]).
-  - vectors: [e, 3] Å, r_j - r_i (minimum image under periodic boundaries).
+  - vectors: [e, 3] Å, r_j - r_i (minimum image under periodic boundaries, or
+    r_j - r_i + s cell for edges with image shifts).
     Padded and masked edges carry a dummy non-zero vector (|v| = 100 Å), so
     norms and their gradients are finite everywhere.
   - edges: [2, e] int32, edges[0] = centre atom i, edges[1] = neighbour j,
-    padding value n. Both directions of every pair are present.
+    padding value n; or [5, e] with rows 2..4 the integer lattice shift of j
+    (cells narrower than twice the cutoff, see `potentials/base.py`; i == j is
+    then a valid edge to an image of i). Both directions of every pair are
+    present. Use only rows 0 and 1 as atom indices.
   - mask: [e] bool, False for padded edges and for edges at or beyond
     config.cutoff. Masked edges must contribute exactly nothing to the output
     or its gradients: multiply every message by the mask (JAX gathers clamp

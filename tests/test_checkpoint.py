@@ -23,7 +23,7 @@ class ReplicaState:
 @dataclasses.dataclass
 class Counters:
     epoch: int
-    phase: str
+    phase: int
 
 
 jax.tree_util.register_dataclass(Counters, data_fields=["epoch", "phase"], meta_fields=[])
@@ -53,7 +53,7 @@ def _make_state(seed):
         "replicas": replicas,
         "key": jax.random.key(seed),
         "legacy_key": jax.random.PRNGKey(seed + 1),
-        "counters": Counters(epoch=seed, phase="simulation" if seed % 2 else "learning"),
+        "counters": Counters(epoch=seed, phase=seed % 2),
         "lr": 1e-3 * (seed + 1),
         "done": False,
         "nothing": None,
@@ -126,12 +126,37 @@ def test_template_mismatch_is_a_clear_error(tmp_path):
 
 def test_only_python_values_and_interrupted_save_leaves_previous(tmp_path):
     ckpt = CheckpointManager(tmp_path / "ck")
-    ckpt.save(0, {"epoch": 0, "phase": "simulation"})
+    ckpt.save(0, {"epoch": 0, "lr": 1e-3, "done": True})
+    with pytest.raises(ValueError, match="unsupported type str"):
+        ckpt.save(1, {"phase": "simulation"})
     # A save that dies half way leaves only an orbax temporary folder, which is not a step.
     os.makedirs(tmp_path / "ck" / "1.orbax-checkpoint-tmp-123")
-    step, restored = ckpt.restore_latest({"epoch": -1, "phase": ""})
-    assert step == 0 and restored == {"epoch": 0, "phase": "simulation"}
+    step, restored = ckpt.restore_latest({"epoch": -1, "lr": 0.0, "done": False})
+    assert step == 0 and restored == {"epoch": 0, "lr": 1e-3, "done": True}
+    assert type(restored["done"]) is bool and type(restored["epoch"]) is int
     ckpt.close()
+
+
+def test_plain_orbax_restore_names_leaves_by_key_path(tmp_path):
+    """Without this module or a template, orbax alone reads a checkpoint as a tree
+    named like the state (no anonymous leaf_000001 names)."""
+    import orbax.checkpoint as ocp
+
+    state = _make_state(3)
+    with CheckpointManager(tmp_path / "ck") as ckpt:
+        ckpt.save(5, state)
+        path = ckpt.state_path(5)
+    plain = ocp.StandardCheckpointer().restore(path)
+    np.testing.assert_array_equal(
+        plain["params"]["dense"]["kernel"], state["params"]["dense"]["kernel"]
+    )
+    assert int(plain["opt_state"][1][0]["count"]) == 3
+    np.testing.assert_array_equal(plain["replicas"]["inner"]["mask"], [True, False])
+    assert plain["counters"] == {"epoch": 3, "phase": 1}
+    np.testing.assert_array_equal(plain["key"], jax.random.key_data(state["key"]))
+    assert plain["lr"] == pytest.approx(4e-3)
+    leaf_names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(plain)]
+    assert not any("leaf_" in n for n in leaf_names)
 
 
 def _state(k):
@@ -150,7 +175,7 @@ def _flip_array_bytes(step_dir):
     """Flips bytes in the middle of every array data file (OCDBT `d/` files)."""
     files = [
         os.path.join(r, f)
-        for r, _, fs in os.walk(os.path.join(step_dir, "arrays"))
+        for r, _, fs in os.walk(os.path.join(step_dir, "state"))
         for f in fs
         if os.path.basename(r) == "d"
     ]
@@ -182,3 +207,24 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, corr
         step, state = m.restore_latest(_state(0))
         assert step == 2 and state["epoch"] == 2
     assert (directory / "corrupt-2").exists()
+
+
+def test_checkpoint_of_another_format_version_is_refused_and_kept(tmp_path):
+    """A checkpoint of the older leaf-numbered format is not moved aside as corrupt (the
+    run would silently restart): restoring raises CheckpointFormatError."""
+    import json
+
+    from stablejax.training.checkpoint import CheckpointFormatError
+
+    directory = tmp_path / "ckpt"
+    with CheckpointManager(directory) as m:
+        m.save(1, _state(1))
+    path = directory / "1" / "meta" / "metadata"
+    data = json.loads(path.read_text())
+    data["format_version"] = 1
+    path.write_text(json.dumps(data))
+    with CheckpointManager(directory) as m:
+        with pytest.raises(CheckpointFormatError, match="format version 1"):
+            m.restore_latest(_state(0))
+        assert m.all_steps() == [1]
+    assert not (directory / "corrupt-1").exists()

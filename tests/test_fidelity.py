@@ -16,7 +16,6 @@ import jax
 import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from test_stable_training import harmonic_bond_dataset, make_trainer, tiny_config
 
@@ -33,9 +32,15 @@ from stablejax.training import qm
 from stablejax.training.stable import (
     ObservableTarget,
     StableTrainer,
+    budget_left,
+    learning_epoch,
     learning_optimizer,
+    learning_rate,
     make_learning_step,
+    plateau_rule,
+    plateau_start,
     reference_observable_weight,
+    simulation_epoch,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -376,9 +381,7 @@ def test_learning_step_uses_each_frames_neighbourhoods():
         "edges": jnp.asarray(edges),
         "box": jnp.asarray(np.broadcast_to(box, (len(frames), 3)), jnp.float32),
     }
-    opt = optax.chain(
-        optax.clip_by_global_norm(1e9), optax.inject_hyperparams(optax.sgd)(learning_rate=1.0)
-    )
+    opt = learning_optimizer(1e9, 1.0)
     step = jax.jit(make_learning_step(potential, species, box, target, opt, kT=kT))
     spc = jnp.asarray(species)
 
@@ -483,20 +486,28 @@ def test_water_trainer_stratified_learning_epoch_runs(tmp_path):
 
 def test_plateau_has_pytorch_semantics():
     """ReduceLROnPlateau(factor, patience): the rate drops on the (patience + 1)-th step in
-    a row without a relative improvement of 1e-4."""
-    scfg = types.SimpleNamespace(plateau_patience=10, plateau_factor=0.2)
-    fake = types.SimpleNamespace(
-        scfg=scfg, state={"best_fraction": 0.8, "since_best": 0, "lr": 1e-3, "lr_reductions": 0}
-    )
+    a row without a relative improvement of 1e-4 (optax's rule, started at the fraction
+    that began the phase)."""
+    scfg = types.SimpleNamespace(plateau_patience=10, plateau_factor=0.2, lr=1e-3)
+    rule = plateau_rule(scfg)
+    update = jax.jit(lambda st, v: rule.update(None, st, value=v)[1])
+    st = plateau_start(rule, {"w": jnp.zeros(2)}, 0.8)
+    reductions = 0
+
+    def step(st, fraction):
+        new = update(st, fraction)
+        return new, int(bool(new.scale < st.scale))
+
     for i in range(10):
-        StableTrainer._plateau(fake, 0.8)
-        assert fake.state["lr_reductions"] == 0, i
-    StableTrainer._plateau(fake, 0.8)
-    assert fake.state["lr_reductions"] == 1 and fake.state["lr"] == pytest.approx(2e-4)
-    StableTrainer._plateau(fake, 0.5)  # improvement resets the count
-    assert fake.state["since_best"] == 0 and fake.state["best_fraction"] == 0.5
-    StableTrainer._plateau(fake, 0.5 * (1 - 1e-5))  # below the 1e-4 relative threshold
-    assert fake.state["since_best"] == 1
+        st, r = step(st, 0.8)
+        assert r == 0, i
+    st, reductions = step(st, 0.8)
+    assert reductions == 1 and learning_rate(scfg, reductions) == pytest.approx(2e-4)
+    assert learning_rate(scfg, 2) == 1e-3 * 0.2 * 0.2  # one multiplication per reduction
+    st, r = step(st, 0.5)  # improvement resets the count
+    assert r == 0 and int(st.plateau_count) == 0 and float(st.best_value) == 0.5
+    st, r = step(st, 0.5 * (1 - 1e-5))  # below the 1e-4 relative threshold
+    assert r == 0 and int(st.plateau_count) == 1
 
 
 def test_cycle_and_step_budgets_stop_training(tmp_path):
@@ -521,24 +532,24 @@ def test_resets_and_learning_start_follow_the_reference(tmp_path):
     t = make_trainer(tiny_config(max_epochs=8, reset_fraction=0.4), data, str(tmp_path / "r"))
     R = t.n_replicas
     learn_start = None
-    while t.budget_left():
-        before = t.state["phase"]
-        key = jax.random.fold_in(t.state["key"], int(t.state["epoch"]))
-        if before == 0:
-            count = int(t.state["history_count"])
-            record = t._simulation_epoch(key)
-            slot = count % int(t.scfg.history_depth)
-            stored = np.asarray(t.state["history"].position[slot])
-            if t.state["phase"] == 1:
+    state = t.state
+    while budget_left(state, t.scfg):
+        before = state
+        if int(before.phase) == 0:
+            state, record = simulation_epoch(before, t.setup)
+            slot = int(before.history_count) % int(t.scfg.history_depth)
+            stored = np.asarray(state.history.position[slot])
+            if int(state.phase) == 1:
                 # Learning starts from every replica's state at the start of this epoch
                 # (the stored one), the stable replicas rewound too.
-                learn_start = np.asarray(t.state["learn_start"].position)
+                learn_start = np.asarray(state.learn_start.position)
                 np.testing.assert_array_equal(learn_start, stored)
             if record["replicas_reset"]:
                 assert record["replicas_reset"] == math.ceil(0.4 * R)
         else:
-            t._learning_epoch(key)
-        t.state["epoch"] += 1
+            state, _ = learning_epoch(before, t.setup)
+        # The epoch functions return a new state and leave their argument as it was.
+        assert int(state.epoch) == int(before.epoch) + 1
     assert learn_start is not None, "no learning phase"
 
 

@@ -1,5 +1,6 @@
 """The StABlE loop: phases, resume equality, and config errors that stop before any work."""
 
+import dataclasses
 import json
 import os
 import re
@@ -123,6 +124,47 @@ def test_resume_equals_uninterrupted(tmp_path):
         for a, b in zip(jax.tree.leaves(first_params), jax.tree.leaves(params_full), strict=True)
     ]
     assert any(changed)
+
+
+def test_resume_in_the_middle_of_a_learning_phase_is_bitwise(tmp_path):
+    """Killed after two learning epochs of one phase (with an lr reduction), resumed from
+    that checkpoint: the state and the records equal an uninterrupted run's bit for bit;
+    the checkpoint reads with plain orbax as a tree named like `StableState`."""
+    import orbax.checkpoint as ocp
+
+    from stablejax.training.stable import LEARNING, StableState
+
+    data = harmonic_bond_dataset()
+    rules = dict(upper_threshold=0.0, lower_threshold=-1.0, max_lr_reductions=10)
+    full = make_trainer(tiny_config(max_epochs=5, **rules), data, str(tmp_path / "a"))
+    full.run()
+    first = make_trainer(tiny_config(max_epochs=3, **rules), data, str(tmp_path / "b"))
+    first.run()
+    mid = first.state
+    assert int(mid.phase) == LEARNING and int(mid.learning_steps) == 2
+    assert int(mid.lr_reductions) == 1 and int(mid.cycles) == 0
+
+    plain = ocp.StandardCheckpointer().restore(first.ckpt.state_path(3))
+    assert set(plain) == {f.name for f in dataclasses.fields(StableState)}
+    assert int(plain["epoch"]) == 3 and int(plain["lr_reductions"]) == 1
+    assert "learning_rate" in plain["opt_state"]["hyperparams"]
+    for a, b in zip(jax.tree.leaves(plain["params"]), jax.tree.leaves(mid.params), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+    resumed = make_trainer(tiny_config(max_epochs=5, **rules), data, str(tmp_path / "b"))
+    assert int(resumed.state.epoch) == 3 and int(resumed.state.phase) == LEARNING
+    resumed.run()
+    a_state = full.state.replace(time_s=np.asarray(0.0))
+    b_state = resumed.state.replace(time_s=np.asarray(0.0))
+    assert jax.tree.structure(a_state) == jax.tree.structure(b_state)
+    for (path, a), b in zip(
+        jax.tree_util.tree_leaves_with_path(a_state), jax.tree.leaves(b_state), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))
+    assert _strip(resumed.history) == _strip(full.history)
+    assert [r["phase"] for r in full.history] == ["simulation"] + ["learning"] * 4
+    lr, factor = full.scfg.lr, full.scfg.plateau_factor
+    assert [r["lr"] for r in full.history[1:]] == [lr, lr, lr * factor, lr * factor]
 
 
 @pytest.mark.parametrize(

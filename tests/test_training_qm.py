@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from stablejax import geometry
 from stablejax.data.dataset import Dataset
 from stablejax.potentials.base import Potential, edge_vectors, safe_norm
 from stablejax.training import qm
@@ -221,8 +222,15 @@ def test_cutoff_edges_match_brute_force_with_images():
         got = {(int(i), int(j)) for i, j in edges[k].T if i < 10}
         assert got == expected
         assert np.all(edges[k][:, len(got) :] == 10)
-    with pytest.raises(ValueError, match="half the shortest box side"):
-        qm.cutoff_edges(pos, 3.5, box)
+    # A cutoff beyond half the box: every periodic image, as edges with lattice shifts.
+    image_edges = qm.cutoff_edges(pos, 3.5, box)
+    assert image_edges.shape[:2] == (3, 5)
+    for k in range(3):
+        expected = {tuple(e) for e in geometry.image_edges_np(pos[k], box, 3.5).T.tolist()}
+        got = {tuple(e) for e in image_edges[k].T.tolist() if e[0] < 10}
+        assert got == expected
+        assert np.all(image_edges[k][:2, len(got) :] == 10)
+        assert np.all(image_edges[k][2:, len(got) :] == 0)
 
 
 def test_bad_inputs_are_clear_errors(setup):

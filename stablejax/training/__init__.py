@@ -13,6 +13,7 @@ from stablejax.training.metrics import (
 )
 from stablejax.training.qm import (
     QMFrames,
+    QMState,
     default_config,
     evaluate,
     load_pretrained_params,
@@ -30,6 +31,7 @@ __all__ = [
     "CheckpointManager",
     "MetricsWriter",
     "QMFrames",
+    "QMState",
     "default_config",
     "evaluate",
     "format_metrics",

@@ -1,20 +1,27 @@
-"""Checkpoints of arbitrary training-state pytrees, on top of orbax-checkpoint.
+"""Checkpoints of training-state pytrees, on top of orbax-checkpoint.
 
-A training state (params, optax states, MD replica states, PRNG keys, phase
-strings, counters) is flattened with `jax.tree_util` into its leaves:
+A checkpoint `<directory>/<step>/` holds two orbax items:
 
-- array leaves (jax/NumPy arrays, NumPy scalars) go to an orbax array item;
-- typed PRNG keys (`jax.random.key`) are stored as their raw key data and
-  re-wrapped on restore;
-- Python scalars and strings (int, float, bool, str) go to a JSON item, so that
-  counters stay Python ints and a phase name stays a string.
+- `state`: the state pytree itself, written with orbax's standard (PyTree)
+  handler, so every leaf is stored under its key path (`params/dense/kernel`,
+  `opt_state/...`, `epoch`). A plain orbax restore reads it without this module:
+  `ocp.StandardCheckpointer().restore(f"{directory}/{step}/state")` gives nested
+  dicts/lists of arrays named like the state's fields;
+- `meta`: JSON with the format version, the key paths and the kind of every leaf
+  and a CRC32 of every array's bytes (a flipped bit on disk is detected on restore).
 
-Restoring needs a *template* pytree of the same structure (e.g. the freshly
-initialised state): its tree definition rebuilds the containers (dicts,
-NamedTuples, dataclasses, flax/jax-md pytree dataclasses) and its leaves give
-the array kinds (NumPy leaves come back as NumPy, jax leaves as jax arrays).
-Saves are atomic (orbax writes to a temporary directory and renames it), so a
-crash mid-save leaves the previous checkpoint intact.
+Leaves may be jax/NumPy arrays, NumPy scalars, Python bool/int/float, None, or
+typed PRNG keys (`jax.random.key`, stored as their raw key data and re-wrapped on
+restore). Restoring needs a *template* pytree of the same structure (e.g. the
+freshly initialised state): its tree definition rebuilds the containers (dicts,
+NamedTuples, dataclasses, flax/jax-md pytree dataclasses) and its leaves give the
+array kinds (NumPy leaves come back as NumPy, jax leaves as jax arrays, Python
+scalars as Python scalars).
+
+Crash safety: saves are atomic (orbax writes to a temporary directory and renames
+it), so a crash mid-save leaves the previous checkpoint intact; a checkpoint that
+cannot be read (truncated metadata, damaged array files, a checksum mismatch) is
+moved aside by `restore_latest`, which falls back to the previous one.
 
 Example:
   >>> ckpt = CheckpointManager(workdir / "checkpoints", max_to_keep=3)
@@ -39,11 +46,13 @@ import orbax.checkpoint as ocp
 
 PyTree = Any
 
-_ARRAYS = "arrays"
+STATE = "state"
 _META = "meta"
-_FORMAT_VERSION = 1
-# orbax refuses an empty array item; states made only of Python values carry this.
-_SENTINEL = "format_version"
+_FORMAT_VERSION = 2
+
+
+class CheckpointFormatError(ValueError):
+    """A readable checkpoint in another format (written by another stablejax version)."""
 
 
 def _not_an_orphaned_read_error(record) -> bool:
@@ -67,34 +76,36 @@ def _is_typed_key(x) -> bool:
     return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
-def _leaf_name(i: int) -> str:
-    return f"leaf_{i:06d}"
+def _kind(path, leaf) -> str:
+    if _is_typed_key(leaf):
+        return "prng_key:" + str(jax.random.key_impl(leaf))
+    # bool before int: orbax keeps Python scalars, the kind keeps true/false apart from 0/1.
+    if isinstance(leaf, (bool, int, float)):
+        return "python:" + type(leaf).__name__
+    if isinstance(leaf, (jax.Array, np.ndarray, np.generic)):
+        return "array"
+    raise ValueError(
+        f"checkpoint leaf {jax.tree_util.keystr(path)} has unsupported type "
+        f"{type(leaf).__name__}; leaves must be jax/NumPy arrays, PRNG keys, or Python "
+        "bool/int/float"
+    )
 
 
-def _split_leaves(leaves):
-    """Sorts flattened leaves into orbax arrays and JSON-able Python values."""
-    arrays: dict[str, Any] = {_SENTINEL: np.asarray(_FORMAT_VERSION, dtype=np.int32)}
-    kinds: list[str] = []
-    python_values: dict[str, Any] = {}
-    for i, leaf in enumerate(leaves):
-        name = _leaf_name(i)
-        if _is_typed_key(leaf):
-            arrays[name] = jax.random.key_data(leaf)
-            kinds.append("prng_key:" + str(jax.random.key_impl(leaf)))
-        elif isinstance(leaf, (bool, int, float, str)):
-            # bool is checked with int: JSON keeps true/false apart from 0/1.
-            python_values[name] = leaf
-            kinds.append("python:" + type(leaf).__name__)
-        elif isinstance(leaf, (jax.Array, np.ndarray, np.generic)):
-            # orbax handles 0-d arrays but not NumPy scalar objects.
-            arrays[name] = np.asarray(leaf) if isinstance(leaf, np.generic) else leaf
-            kinds.append("array")
-        else:
-            raise ValueError(
-                f"checkpoint leaf {i} has unsupported type {type(leaf).__name__}; leaves must be "
-                "jax/NumPy arrays, PRNG keys, or Python bool/int/float/str"
-            )
-    return arrays, kinds, python_values
+def _storable(leaf):
+    """The value orbax writes for a leaf (typed keys as key data, NumPy scalars as 0-d)."""
+    if _is_typed_key(leaf):
+        return jax.random.key_data(leaf)
+    if isinstance(leaf, np.generic):
+        return np.asarray(leaf)
+    return leaf
+
+
+def _describe(tree) -> tuple[dict[str, str], Any]:
+    """({key path: kind}, the tree as orbax stores it)."""
+    kinds = {
+        jax.tree_util.keystr(p): _kind(p, x) for p, x in jax.tree_util.tree_leaves_with_path(tree)
+    }
+    return kinds, jax.tree.map(_storable, tree)
 
 
 class CheckpointManager:
@@ -123,8 +134,12 @@ class CheckpointManager:
             create=True,
         )
         self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=(_ARRAYS, _META)
+            self.directory, options=options, item_names=(STATE, _META)
         )
+
+    def state_path(self, step: int) -> str:
+        """The orbax PyTree item of checkpoint `step` (for a plain orbax restore)."""
+        return os.path.join(self.directory, str(int(step)), STATE)
 
     # -- saving -------------------------------------------------------------------------------
 
@@ -133,7 +148,7 @@ class CheckpointManager:
 
         Args:
           step: non-negative int, e.g. the number of completed epochs.
-          state: any pytree of arrays, PRNG keys and Python scalars/strings.
+          state: any pytree of arrays, PRNG keys and Python bool/int/float.
           force: save even if orbax's save-interval policy would skip this step.
 
         Returns:
@@ -142,21 +157,21 @@ class CheckpointManager:
         step = int(step)
         if step < 0:
             raise ValueError(f"checkpoint step must be >= 0, got {step}")
-        leaves, treedef = jax.tree_util.tree_flatten(state)
-        arrays, kinds, python_values = _split_leaves(leaves)
+        kinds, stored = _describe(state)
         meta = {
             "format_version": _FORMAT_VERSION,
-            "n_leaves": len(leaves),
-            "treedef": str(treedef),
+            "treedef": str(jax.tree_util.tree_structure(state)),
             "kinds": kinds,
-            "python_values": python_values,
-            # CRC32 of every array's bytes: a flipped bit on disk is detected on restore.
-            "checksums": {k: [_checksum(v), str(np.asarray(v).dtype)] for k, v in arrays.items()},
+            "checksums": {
+                jax.tree_util.keystr(p): [_checksum(x), str(np.asarray(x).dtype)]
+                for p, x in jax.tree_util.tree_leaves_with_path(stored)
+                if not isinstance(x, (bool, int, float))
+            },
         }
         saved = self._manager.save(
             step,
             args=ocp.args.Composite(
-                **{_ARRAYS: ocp.args.StandardSave(arrays), _META: ocp.args.JsonSave(meta)}
+                **{STATE: ocp.args.StandardSave(stored), _META: ocp.args.JsonSave(meta)}
             ),
             force=force,
         )
@@ -190,7 +205,8 @@ class CheckpointManager:
 
         Raises:
           FileNotFoundError: no checkpoint (or not that step) in the directory.
-          ValueError: the template does not match the saved structure.
+          ValueError: the template does not match the saved structure, or an array
+            does not match its checksum.
         """
         if step is None:
             step = self.latest_step()
@@ -201,52 +217,56 @@ class CheckpointManager:
                 f"no checkpoint for step {step} in {self.directory} (have {self.all_steps()})"
             )
         step = int(step)
-        leaves, treedef = jax.tree_util.tree_flatten(template)
-        template_arrays, template_kinds, _ = _split_leaves(leaves)
-
+        kinds, stored_template = _describe(template)
         meta = self._manager.restore(
             step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()})
         )[_META]
-        if meta["n_leaves"] != len(leaves):
-            raise ValueError(
-                f"checkpoint step {step} in {self.directory} has {meta['n_leaves']} leaves but the "
-                f"template has {len(leaves)}; saved structure: {meta['treedef']}"
+        if meta.get("format_version") != _FORMAT_VERSION:
+            raise CheckpointFormatError(
+                f"checkpoint step {step} in {self.directory} has format version "
+                f"{meta.get('format_version')}, this stablejax reads version {_FORMAT_VERSION}; "
+                "continue that run with the stablejax version that wrote it, or start it "
+                "again in a new workdir"
             )
-        for i, (saved_kind, kind) in enumerate(zip(meta["kinds"], template_kinds, strict=True)):
-            # A Python int may have been saved where the template holds a float and
-            # vice versa only if the user changed types; flag real kind changes.
-            if saved_kind.split(":")[0] != kind.split(":")[0]:
+        saved_kinds = meta["kinds"]
+        if list(saved_kinds) != list(kinds):
+            missing = sorted(set(kinds) - set(saved_kinds))
+            extra = sorted(set(saved_kinds) - set(kinds))
+            raise ValueError(
+                f"checkpoint step {step} in {self.directory} has {len(saved_kinds)} leaves but the "
+                f"template has {len(kinds)} (not saved: {missing[:5]}; not in the template: "
+                f"{extra[:5]}); saved structure: {meta['treedef']}"
+            )
+        for name, kind in kinds.items():
+            if saved_kinds[name].split(":")[0] != kind.split(":")[0]:
                 raise ValueError(
-                    f"checkpoint leaf {i} was saved as {saved_kind} but the template has {kind}"
+                    f"checkpoint leaf {name} was saved as {saved_kinds[name]} but the template "
+                    f"has {kind}"
                 )
-
-        restored_arrays = self._manager.restore(
-            step, args=ocp.args.Composite(**{_ARRAYS: ocp.args.StandardRestore(template_arrays)})
-        )[_ARRAYS]
-        for name, (crc, dtype) in meta.get("checksums", {}).items():
-            value = restored_arrays.get(name)
-            if value is None or str(np.asarray(value).dtype) != dtype:
-                continue  # restored into another dtype on purpose: nothing to compare
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(stored_template)})
+        )[STATE]
+        for path, value in jax.tree_util.tree_leaves_with_path(restored):
+            name = jax.tree_util.keystr(path)
+            crc, dtype = meta["checksums"].get(name, (None, None))
+            if crc is None or str(np.asarray(value).dtype) != dtype:
+                continue  # a Python scalar, or restored into another dtype on purpose
             if _checksum(value) != crc:
                 raise ValueError(
                     f"checkpoint step {step} in {self.directory}: array {name} does not match "
                     "its checksum (corrupted on disk)"
                 )
-        out = []
-        for i, (leaf, kind) in enumerate(zip(leaves, template_kinds, strict=True)):
-            name = _leaf_name(i)
-            if kind.startswith("prng_key"):
-                out.append(
-                    jax.random.wrap_key_data(restored_arrays[name], impl=jax.random.key_impl(leaf))
-                )
-            elif kind.startswith("python"):
-                out.append(type(leaf)(meta["python_values"][name]))
-            else:
-                value = restored_arrays[name]
-                if isinstance(leaf, np.generic):
-                    value = np.asarray(value).astype(leaf.dtype)[()]
-                out.append(value)
-        return jax.tree_util.tree_unflatten(treedef, out)
+
+        def back(leaf, value):
+            if _is_typed_key(leaf):
+                return jax.random.wrap_key_data(value, impl=jax.random.key_impl(leaf))
+            if isinstance(leaf, (bool, int, float)):
+                return type(leaf)(value)
+            if isinstance(leaf, np.generic):
+                return np.asarray(value).astype(leaf.dtype)[()]
+            return value
+
+        return jax.tree.map(back, template, restored)
 
     def restore_latest(self, template: PyTree) -> tuple[int, PyTree] | None:
         """(step, state) of the newest intact checkpoint, or None when nothing is saved.
@@ -254,7 +274,8 @@ class CheckpointManager:
         A checkpoint that cannot be read (truncated metadata, missing or corrupted array
         files, a checksum mismatch) is moved aside to `corrupt-<step>` with a warning
         naming it, and the next older one is tried; when none can be read, the error of
-        the newest is raised.
+        the newest is raised. A checkpoint of another format version raises
+        `CheckpointFormatError` and is left in place.
         """
         steps = self.all_steps()
         if not steps:
@@ -263,6 +284,8 @@ class CheckpointManager:
         for step in reversed(steps):
             try:
                 return step, self.restore(template, step=step)
+            except CheckpointFormatError:
+                raise  # intact, only older: not moved aside, nothing silently restarted
             except Exception as e:  # noqa: BLE001 - any unreadable checkpoint
                 if first_error is None:
                     first_error = e

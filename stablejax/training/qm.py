@@ -30,8 +30,9 @@ Graphs: molecules (no box) use all-pairs edges shared by every frame
 (`edges='all_pairs'`). Periodic data (and large molecules, `edges='cutoff'`)
 use per-frame edge lists of the pairs within the potential's cutoff, found
 with the minimum-image convention in NumPy before training and padded to the
-largest count. The minimum image limits this to cutoff <= half the shortest box
-side (true for the 12.44 Å water box with a 5 Å cutoff).
+largest count (true for the 12.44 Å water box with a 5 Å cutoff). A cell
+narrower than twice the cutoff gets edges with lattice image shifts instead
+([m, 5, e], `geometry.image_edges_np`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -163,7 +165,8 @@ class QMFrames:
       positions: [m, n, 3] Å.
       energies: [m] eV.
       forces: [m, n, 3] eV/Å.
-      edges: [2, e] int32 shared by all frames, or [m, 2, e] per frame (padding n).
+      edges: [2, e] int32 shared by all frames, or [m, 2, e] per frame (padding n);
+        [m, 5, e] with lattice image shifts for cells narrower than twice the cutoff.
       box: [3] Å, [3, 3] Å cell (lattice vectors as rows), or None.
     """
 
@@ -191,7 +194,11 @@ jax.tree_util.register_dataclass(
 
 
 def cutoff_edges(positions: np.ndarray, cutoff: float, box=None, *, capacity: int | None = None):
-    """Per-frame directed edges of the pairs closer than `cutoff` (minimum image).
+    """Per-frame directed edges of the pairs closer than `cutoff`.
+
+    Minimum image ([2, e] per frame) when the cutoff is below half the smallest
+    perpendicular width of the cell; otherwise every periodic image within the
+    cutoff, as edges with lattice shifts ([5, e], `geometry.image_edges_np`).
 
     Args:
       positions: [m, n, 3] Å.
@@ -200,17 +207,23 @@ def cutoff_edges(positions: np.ndarray, cutoff: float, box=None, *, capacity: in
       capacity: edges per frame; None = the largest count over the frames.
 
     Returns:
-      [m, 2, capacity] int32, padded with n.
+      [m, 2, capacity] int32 padded with n, or [m, 5, capacity] int32 padded
+      with (n, n, 0, 0, 0) for a cell narrower than twice the cutoff.
     """
     positions = np.asarray(positions, dtype=np.float64)
     m, n, _ = positions.shape
-    per_frame = [geometry.cutoff_edges_np(frame, cutoff, box) for frame in positions]
+    if geometry.needs_image_edges(cutoff, box):
+        per_frame = [geometry.image_edges_np(frame, box, cutoff) for frame in positions]
+    else:
+        per_frame = [geometry.cutoff_edges_np(frame, cutoff, box) for frame in positions]
     largest = max(e.shape[1] for e in per_frame)
     if capacity is None:
         capacity = max(largest, 1)
     elif capacity < largest:
         raise ValueError(f"edge capacity {capacity} < largest edge count {largest}")
-    edges = np.full((m, 2, capacity), n, dtype=np.int32)
+    rows = per_frame[0].shape[0]
+    edges = np.zeros((m, rows, capacity), dtype=np.int32)
+    edges[:, :2] = n
     for k, e in enumerate(per_frame):
         edges[k, :, : e.shape[1]] = e
     return edges
@@ -619,22 +632,75 @@ def _optimizers(cfg):
     return optimizer, plateau
 
 
-def _initial_state(params, optimizer, plateau) -> dict:
-    return {
-        "params": params,
-        "opt_state": optimizer.init(params),
-        "ema_params": params,
-        "best_params": params,
-        "plateau_state": plateau.init(params),
-        "epoch": 0,  # completed epochs
-        "step": 0,  # optimizer steps taken
-        "best_metric": math.inf,  # best val force MAE (meV/Å)
-        "best_epoch": -1,  # 0-based epoch of best_params
-        "patience_metric": math.inf,  # val force MAE at the last significant improvement
-        "patience_epoch": -1,  # 0-based epoch of that improvement
-        "time_s": 0.0,  # training wall time over all sessions
-        "stopped": "",  # why training ended ('' while running)
-    }
+# Why QM training ended; `QMState.stopped` holds the index ('' = still running).
+STOP_REASONS = ("", "max_epochs", "max_time", "early_stopping")
+
+
+@flax.struct.dataclass
+class QMState:
+    """The state of a `train_qm` run, as one pytree (checkpointed whole every epoch).
+
+    Counters and metrics are 0-d NumPy arrays; `state["params"]` reads a field like
+    `state.params`.
+
+    Attributes:
+      params, opt_state: the trained parameters and the optimizer (Adam) state.
+      ema_params: exponential moving average of params (= params without EMA).
+      best_params: the evaluated params (EMA or raw) of the best validation epoch.
+      plateau_state: `optax.contrib.reduce_on_plateau` state of the val force MAE.
+      epoch: int32, completed epochs.
+      step: int64, optimizer steps taken.
+      best_metric: float64, best validation force MAE (meV/Å).
+      best_epoch: int32, 0-based epoch of best_params (-1: none yet).
+      patience_metric: float64, val force MAE at the last significant improvement.
+      patience_epoch: int32, 0-based epoch of that improvement.
+      time_s: float64, training wall time over all sessions.
+      stopped: int32, index into `STOP_REASONS` (0 while running).
+    """
+
+    params: PyTree
+    opt_state: PyTree
+    ema_params: PyTree
+    best_params: PyTree
+    plateau_state: optax.contrib.ReduceLROnPlateauState
+    epoch: np.ndarray
+    step: np.ndarray
+    best_metric: np.ndarray
+    best_epoch: np.ndarray
+    patience_metric: np.ndarray
+    patience_epoch: np.ndarray
+    time_s: np.ndarray
+    stopped: np.ndarray
+
+    def __getitem__(self, name: str):
+        return getattr(self, name)
+
+    @property
+    def stop_reason(self) -> str:
+        """Why training ended ('' while running)."""
+        return STOP_REASONS[int(self.stopped)]
+
+
+def _initial_state(params, optimizer, plateau) -> QMState:
+    return QMState(
+        params=params,
+        opt_state=optimizer.init(params),
+        ema_params=params,
+        best_params=params,
+        plateau_state=plateau.init(params),
+        epoch=np.asarray(0, np.int32),
+        step=np.asarray(0, np.int64),
+        best_metric=np.asarray(math.inf),
+        best_epoch=np.asarray(-1, np.int32),
+        patience_metric=np.asarray(math.inf),
+        patience_epoch=np.asarray(-1, np.int32),
+        time_s=np.asarray(0.0),
+        stopped=np.asarray(0, np.int32),
+    )
+
+
+def _stop(state: QMState, reason: str) -> QMState:
+    return state.replace(stopped=np.asarray(STOP_REASONS.index(reason), np.int32))
 
 
 def load_qm_state(
@@ -643,7 +709,7 @@ def load_qm_state(
     *,
     config: ml_collections.ConfigDict | dict | None = None,
     step: int | None = None,
-) -> dict:
+) -> QMState:
     """The saved training state of a `train_qm` run (latest epoch unless `step`).
 
     Args:
@@ -653,8 +719,8 @@ def load_qm_state(
       step: epoch number of the checkpoint; None = latest.
 
     Returns:
-      dict with params, ema_params, best_params, opt_state, plateau_state,
-      epoch, step, best_metric (val force MAE, meV/Å), best_epoch, time_s, stopped.
+      the `QMState` (params, ema_params, best_params, opt_state, plateau_state,
+      epoch, step, best_metric (val force MAE, meV/Å), best_epoch, time_s, stopped).
     """
     cfg = _resolve_config(config)
     optimizer, plateau = _optimizers(cfg)
@@ -734,91 +800,44 @@ def train_qm(
             state = restored[1]
         writer = MetricsWriter(
             os.path.join(workdir, "metrics.jsonl"),
-            resume_step=state["epoch"],
+            resume_step=int(state.epoch),
             step_key="epoch",
             tensorboard=cfg.tensorboard,
         )
 
     history = read_metrics(writer.path) if writer is not None else []
     bar = progress_bar(
-        cfg.epochs, desc="QM pre-training", initial=state["epoch"], disable=not cfg.progress or None
+        cfg.epochs,
+        desc="QM pre-training",
+        initial=int(state.epoch),
+        disable=not cfg.progress or None,
     )
-    use_ema = cfg.ema_decay > 0
     try:
-        while not state["stopped"]:
-            if state["epoch"] >= cfg.epochs:
-                state["stopped"] = "max_epochs"
+        while not int(state.stopped):
+            if int(state.epoch) >= cfg.epochs:
+                state = _stop(state, "max_epochs")
                 break
-            if cfg.max_time_s > 0 and state["time_s"] >= cfg.max_time_s:
-                state["stopped"] = "max_time"
+            if cfg.max_time_s > 0 and float(state.time_s) >= cfg.max_time_s:
+                state = _stop(state, "max_time")
                 break
             t0 = time.perf_counter()
-            epoch = state["epoch"]
-            # The order of epoch k depends only on (seed, k): resumed runs repeat it.
-            order = np.random.default_rng([cfg.seed, epoch]).permutation(train_frames.n_frames)
-            idx_batches, w_batches = _batch_indices(train_frames.n_frames, cfg.batch_size, order)
-            scale = float(state["plateau_state"].scale)
-            params, opt_state, ema_params = (
-                state["params"],
-                state["opt_state"],
-                state["ema_params"],
+            state, record = qm_epoch(
+                state,
+                cfg=cfg,
+                train_step=train_step,
+                plateau_update=plateau_update,
+                evaluator=evaluator,
+                train_frames=train_frames,
+                val_frames=val_frames,
             )
-            step = state["step"]
-            per_batch = []  # stays on the device until the epoch ends (no per-step sync)
-            lr = cfg.lr * scale
-            for idx, weight in zip(idx_batches, w_batches, strict=True):
-                lr = scale * warmup_lr(
-                    step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, warmup_factor=cfg.warmup_factor
-                )
-                params, opt_state, ema_params, loss, aux = train_step(
-                    params, opt_state, ema_params, train_frames, idx, weight, lr, step
-                )
-                per_batch.append((loss, aux.energy_mse, aux.force_mse))
-                step += 1
-            # Batch means weighted by their real frame counts = means over the epoch's frames.
-            n_real = w_batches.sum(axis=1)
-            batch_means = np.asarray(jax.device_get(per_batch), dtype=np.float64)
-            train_loss, e_mse, f_mse = n_real @ batch_means / train_frames.n_frames
-            if not np.isfinite(train_loss):
-                raise FloatingPointError(
-                    f"QM training loss is {train_loss} at epoch {epoch}; lower config.lr "
-                    "or check the energy normalisation"
-                )
-            eval_params = ema_params if use_ema else params
-            val_metrics = evaluator(eval_params, val_frames)
-            metric = val_metrics["force_mae_meV_per_A"]
-            plateau_state = plateau_update(state["plateau_state"], metric)
-            improved = metric < state["best_metric"]
-            state.update(
-                params=params,
-                opt_state=opt_state,
-                ema_params=ema_params,
-                plateau_state=plateau_state,
-                epoch=epoch + 1,
-                step=step,
+            state = state.replace(time_s=np.asarray(float(state.time_s) + time.perf_counter() - t0))
+            record.update(
+                epoch_time_s=time.perf_counter() - t0,
+                time_s=float(state.time_s),
+                best_epoch=int(state.best_epoch) + 1,
             )
-            if improved:
-                state.update(best_params=eval_params, best_metric=float(metric), best_epoch=epoch)
-            state["time_s"] = state["time_s"] + (time.perf_counter() - t0)
-            if metric < (1.0 - cfg.early_stopping_rtol) * state["patience_metric"]:
-                state.update(patience_metric=float(metric), patience_epoch=epoch)
-            if cfg.patience > 0 and epoch - state["patience_epoch"] >= cfg.patience:
-                state["stopped"] = "early_stopping"
-            record = {
-                "epoch": epoch + 1,
-                "step": step,
-                "train_loss": train_loss,
-                "train_energy_rmse_meV": 1e3 * math.sqrt(e_mse),
-                "train_force_rmse_meV_per_A": 1e3 * math.sqrt(f_mse),
-                **{f"val_{k}": v for k, v in val_metrics.items() if k != "n_frames"},
-                "lr": lr,  # of the epoch's last step
-                "lr_scale_next": float(plateau_state.scale),
-                "epoch_time_s": time.perf_counter() - t0,
-                "time_s": state["time_s"],
-                "best_epoch": state["best_epoch"] + 1,
-            }
             if ckpt is not None:
-                ckpt.save(epoch + 1, state)
+                ckpt.save(int(state.epoch), state)
             if writer is not None:
                 writer.write(record)
             history.append(record)
@@ -834,4 +853,85 @@ def train_qm(
             writer.close()
         if ckpt is not None:
             ckpt.close()
-    return state["best_params"], history
+    return state.best_params, history
+
+
+def qm_epoch(
+    state: QMState,
+    *,
+    cfg,
+    train_step: Callable,
+    plateau_update: Callable,
+    evaluator: Callable,
+    train_frames: QMFrames,
+    val_frames: QMFrames,
+) -> tuple[QMState, dict]:
+    """One QM training epoch: returns (next state, metrics record); `state` is not modified.
+
+    Minibatch steps in the epoch's order (it depends only on (seed, epoch): resumed runs
+    repeat it), validation (of the EMA params when enabled), the plateau rule on the
+    validation force MAE, best params, and early stopping. The record lacks the wall-time
+    fields (`epoch_time_s`, `time_s`, `best_epoch`), which the loop adds.
+    """
+    epoch = int(state.epoch)
+    order = np.random.default_rng([cfg.seed, epoch]).permutation(train_frames.n_frames)
+    idx_batches, w_batches = _batch_indices(train_frames.n_frames, cfg.batch_size, order)
+    scale = float(state.plateau_state.scale)
+    params, opt_state, ema_params = state.params, state.opt_state, state.ema_params
+    step = int(state.step)
+    per_batch = []  # stays on the device until the epoch ends (no per-step sync)
+    lr = cfg.lr * scale
+    for idx, weight in zip(idx_batches, w_batches, strict=True):
+        lr = scale * warmup_lr(
+            step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, warmup_factor=cfg.warmup_factor
+        )
+        params, opt_state, ema_params, loss, aux = train_step(
+            params, opt_state, ema_params, train_frames, idx, weight, lr, step
+        )
+        per_batch.append((loss, aux.energy_mse, aux.force_mse))
+        step += 1
+    # Batch means weighted by their real frame counts = means over the epoch's frames.
+    n_real = w_batches.sum(axis=1)
+    batch_means = np.asarray(jax.device_get(per_batch), dtype=np.float64)
+    train_loss, e_mse, f_mse = n_real @ batch_means / train_frames.n_frames
+    if not np.isfinite(train_loss):
+        raise FloatingPointError(
+            f"QM training loss is {train_loss} at epoch {epoch}; lower config.lr "
+            "or check the energy normalisation"
+        )
+    eval_params = ema_params if cfg.ema_decay > 0 else params
+    val_metrics = evaluator(eval_params, val_frames)
+    metric = val_metrics["force_mae_meV_per_A"]
+    plateau_state = plateau_update(state.plateau_state, metric)
+    improved = metric < state.best_metric
+    state = state.replace(
+        params=params,
+        opt_state=opt_state,
+        ema_params=ema_params,
+        plateau_state=plateau_state,
+        epoch=np.asarray(epoch + 1, np.int32),
+        step=np.asarray(step, np.int64),
+    )
+    if improved:
+        state = state.replace(
+            best_params=eval_params,
+            best_metric=np.asarray(float(metric)),
+            best_epoch=np.asarray(epoch, np.int32),
+        )
+    if metric < (1.0 - cfg.early_stopping_rtol) * state.patience_metric:
+        state = state.replace(
+            patience_metric=np.asarray(float(metric)), patience_epoch=np.asarray(epoch, np.int32)
+        )
+    if cfg.patience > 0 and epoch - int(state.patience_epoch) >= cfg.patience:
+        state = _stop(state, "early_stopping")
+    record = {
+        "epoch": epoch + 1,
+        "step": step,
+        "train_loss": train_loss,
+        "train_energy_rmse_meV": 1e3 * math.sqrt(e_mse),
+        "train_force_rmse_meV_per_A": 1e3 * math.sqrt(f_mse),
+        **{f"val_{k}": v for k, v in val_metrics.items() if k != "n_frames"},
+        "lr": lr,  # of the epoch's last step
+        "lr_scale_next": float(plateau_state.scale),
+    }
+    return state, record

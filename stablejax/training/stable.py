@@ -28,9 +28,14 @@ states). Training stops after `max_epochs` epochs, `max_learning_cycles` learnin
 phases or `max_learning_steps` steps (0: no limit), or `max_time_s`.
 
 Everything that decides the future of the run (params, optimizer state, replica
-states and stored states, RNG key, phase and counters) is checkpointed with
-orbax after every epoch; a run resumed from its workdir continues exactly where
-it stopped (same seed -> same result as an uninterrupted run).
+states and stored states, RNG key, phase, counters, plateau state) is one pytree,
+`StableState`. `simulation_epoch` and `learning_epoch` are transitions
+`(state, setup) -> (new state, record)` that never modify their argument
+(`StableSetup` holds the simulator and the jitted pieces); `StableTrainer` is the
+loop around them that checkpoints the state with orbax after every epoch, writes
+metrics and shows progress. A run resumed from its workdir continues exactly
+where it stopped, also in the middle of a learning phase (same seed -> same
+result as an uninterrupted run).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -239,7 +245,7 @@ def make_learning_step(
             q_loss = jnp.zeros(())
             g_qm = jax.tree.map(jnp.zeros_like, g_obs)
         grads = jax.tree.map(lambda a, b: observable_weight * a + qm_weight * b, g_obs, g_qm)
-        opt_state[-1].hyperparams["learning_rate"] = lr
+        opt_state = with_learning_rate(opt_state, lr)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         n_obs = optax.global_norm(g_obs)
@@ -264,16 +270,137 @@ def make_learning_step(
     return step
 
 
+def _clipped_sgd(learning_rate, grad_clip):
+    return optax.chain(optax.clip_by_global_norm(grad_clip), optax.sgd(learning_rate))
+
+
 def learning_optimizer(grad_clip: float, lr: float) -> optax.GradientTransformation:
-    """The learning phase's optimizer: clip to a global norm, then SGD (lr injected)."""
-    return optax.chain(
-        optax.clip_by_global_norm(grad_clip),
-        optax.inject_hyperparams(optax.sgd)(learning_rate=lr),
+    """The learning phase's optimizer: clip to a global norm, then SGD.
+
+    The whole chain is wrapped in `optax.inject_hyperparams`, so the state carries
+    the learning rate at `opt_state.hyperparams["learning_rate"]` whatever the chain
+    holds; `with_learning_rate` sets it for a step (the plateau rule decides it).
+    """
+    return optax.inject_hyperparams(_clipped_sgd, static_args=("grad_clip",))(
+        learning_rate=lr, grad_clip=float(grad_clip)
     )
 
 
+def with_learning_rate(opt_state, lr):
+    """`opt_state` of `learning_optimizer` with the learning rate `lr` (a new state;
+    the argument is not modified)."""
+    return opt_state._replace(hyperparams={**opt_state.hyperparams, "learning_rate": lr})
+
+
 # ---------------------------------------------------------------------------------------------
-# The trainer
+# Training state and learning-rate rule
+# ---------------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class StableState:
+    """Everything that decides the future of a StABlE run, as one pytree.
+
+    It is checkpointed whole after every epoch (`CheckpointManager` stores it under
+    these field names) and passed through the epoch functions, which return a new
+    state and never modify the one they are given. Counters are 0-d NumPy arrays
+    (host-side decisions read them without a device round trip); `state["epoch"]`
+    reads a field like `state.epoch`.
+
+    Attributes:
+      params: model parameters.
+      opt_state: `learning_optimizer` state (the learning rate is set per step).
+      md_state: the replicas' live MD state [R, ...].
+      learn_start: every replica's state at the start of the current learning phase.
+      history: stored states [history_depth, R, ...] (starts of simulation epochs).
+      history_count: int32, states stored so far (the ring buffer's write count).
+      held: bool [R], replicas held (frozen) near instability in this simulation phase.
+      key: the run's PRNG key (epoch k uses `fold_in(key, k)`).
+      phase: int32, SIMULATION (0) or LEARNING (1).
+      new_phase: bool, the next simulation epoch starts a phase (random resets).
+      epoch: int32, completed epochs.
+      learning_steps: int32, learning steps taken.
+      cycles: int32, completed learning phases.
+      plateau: `optax.contrib.reduce_on_plateau` state of the unstable fraction in
+        the current learning phase.
+      lr_reductions: int32, learning-rate reductions in the current learning phase.
+      time_s: float64, training wall time over all sessions.
+    """
+
+    params: PyTree
+    opt_state: PyTree
+    md_state: PyTree
+    learn_start: PyTree
+    history: PyTree
+    history_count: np.ndarray
+    held: np.ndarray
+    key: jax.Array
+    phase: np.ndarray
+    new_phase: np.ndarray
+    epoch: np.ndarray
+    learning_steps: np.ndarray
+    cycles: np.ndarray
+    plateau: optax.contrib.ReduceLROnPlateauState
+    lr_reductions: np.ndarray
+    time_s: np.ndarray
+
+    def __getitem__(self, name: str):
+        return getattr(self, name)
+
+
+def _i32(x) -> np.ndarray:
+    return np.asarray(x, np.int32)
+
+
+def plateau_rule(scfg) -> optax.GradientTransformationExtraArgs:
+    """Reduce-on-plateau of the unstable fraction as the reference uses it: PyTorch's
+    `ReduceLROnPlateau(mode='min', threshold=1e-4, threshold_mode='rel', cooldown=0)`.
+
+    A step improves when fraction < best x (1 - 1e-4); the rate is multiplied by
+    `plateau_factor` once more than `plateau_patience` steps in a row have not improved
+    (optax counts the reducing step itself, hence its patience is one more). The state
+    of a phase starts with best = the fraction that started it (`plateau_start`).
+    """
+    return optax.contrib.reduce_on_plateau(
+        factor=float(scfg.plateau_factor),
+        patience=int(scfg.plateau_patience) + 1,
+        rtol=1e-4,
+        atol=0.0,
+        cooldown=0,
+        min_scale=0.0,
+    )
+
+
+def plateau_start(rule, params, fraction: float) -> optax.contrib.ReduceLROnPlateauState:
+    """The plateau state at the start of a learning phase: best = `fraction`."""
+    state = rule.init(params)
+    return state._replace(best_value=jnp.asarray(fraction, state.best_value.dtype))
+
+
+def learning_rate(scfg, reductions) -> float:
+    """`stable.lr` reduced `reductions` times by `plateau_factor`, in float64 on the host
+    (one multiplication per reduction, as PyTorch's scheduler does)."""
+    lr = float(scfg.lr)
+    for _ in range(int(reductions)):
+        lr = lr * float(scfg.plateau_factor)
+    return lr
+
+
+def budget_left(state: StableState, scfg) -> bool:
+    """Whether the run may take another epoch (`stable.max_*` budgets)."""
+    if int(state.epoch) >= scfg.max_epochs:
+        return False
+    cycles = int(scfg.max_learning_cycles)
+    if cycles > 0 and int(state.cycles) >= cycles:
+        return False
+    steps = int(scfg.max_learning_steps)
+    if steps > 0 and int(state.learning_steps) >= steps:
+        return False
+    return not (scfg.max_time_s > 0 and float(state.time_s) >= scfg.max_time_s)
+
+
+# ---------------------------------------------------------------------------------------------
+# Static set-up: simulator, compiled pieces, configuration
 # ---------------------------------------------------------------------------------------------
 
 
@@ -281,43 +408,27 @@ def _stack_states(states):
     return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
 
 
-class StableTrainer:
-    """Runs StABlE training from pre-trained params; resumable from `workdir`.
+class StableSetup:
+    """What the epoch functions need besides the state: configs, the simulator and the
+    jitted pieces (built once; nothing here decides the future of a run).
 
-    Args:
-      potential: the model.
-      params: pre-trained parameters (the starting point).
-      species: [n] atomic numbers.
-      box: [3] Å periodic box, or None for molecules.
-      config: the experiment config (blocks `md`, `stable`, `seed` are read).
-      criterion: training stability criterion (`stablejax.stability`), applied to
-        frames [..., n, 3].
-      target: the observable and its reference (`ObservableTarget`).
-      qm_frames: QM training frames (energies/forces) for the lambda-weighted
-        regulariser; may be None when `stable.qm_weight == 0`.
-      initial_positions: [R, n, 3] Å replica starting structures (training set).
-      workdir: folder for checkpoints and metrics.jsonl (None: in memory only).
-      progress: print a progress line per epoch.
-      mesh: a `stablejax.sharding` mesh: replicas (MD state, stored states,
-        stability checks) and the estimator's samples are split over its devices,
-        parameters replicated; `md.n_replicas` must be a multiple of its size.
-        None: one device.
+    The one mutable member is `edge_capacity`, the padded edge count of periodic
+    samples: it only grows (rounded up) so that the learning step recompiles rarely;
+    padding edges are ignored by the potentials.
+
+    Args: as `StableTrainer` (without params, initial_positions, workdir, progress).
     """
 
     def __init__(
         self,
         *,
         potential: Potential,
-        params: PyTree,
         species,
         box,
         config: ml_collections.ConfigDict,
         criterion: StabilityCriterion,
         target: ObservableTarget,
         qm_frames: QMFrames | None,
-        initial_positions,
-        workdir: str | None = None,
-        progress: bool = True,
         mesh=None,
     ):
         self.potential = potential
@@ -329,10 +440,7 @@ class StableTrainer:
         self.criterion = criterion
         self.target = target
         self.qm_frames = qm_frames
-        self.workdir = workdir
-        self.progress = progress
         self.mesh = mesh
-        self._validate(initial_positions)
         sharding.check_divisible(self.mcfg.n_replicas, mesh, field="md.n_replicas")
         self.runtime = sharding.runtime_info(mesh)
 
@@ -342,8 +450,13 @@ class StableTrainer:
         self.frames_per_epoch = self.mcfg.steps_per_epoch // self.mcfg.check_every
         self.sample_stride = self.scfg.sample_every // self.mcfg.check_every
         self.optimizer = learning_optimizer(self.scfg.grad_clip, self.scfg.lr)
-        self._edge_capacity = 0
-        self._qm_idx, self._qm_w = self._qm_chunks_all()
+        self.plateau = plateau_rule(self.scfg)
+        # Jitted: run eagerly, the lax.cond inside would compile on every call.
+        self.plateau_update = jax.jit(
+            lambda st, value: self.plateau.update(None, st, value=value)[1]
+        )
+        self.edge_capacity = 0
+        self.qm_idx, self.qm_w = self._qm_chunks_all()
         qm_loss = None
         if self.scfg.qm_weight > 0:
             qm_loss = make_qm_loss(
@@ -352,7 +465,7 @@ class StableTrainer:
                 force_weight=self.scfg.qm_force_weight,
                 per_atom_energy=self.scfg.qm_per_atom_energy,
             )
-        self._learn_step = jax.jit(
+        self.learn_step = jax.jit(
             make_learning_step(
                 potential,
                 self.species,
@@ -367,7 +480,8 @@ class StableTrainer:
                 qm_frames=qm_frames,
             )
         )
-        self._check = jax.jit(self._unstable_frames)
+        # [R, F] bool: frames that cross the criterion (or are not finite).
+        self.check = jax.jit(criterion.is_unstable)
         if target.local:
 
             def local_observables(positions, boxes):
@@ -380,88 +494,9 @@ class StableTrainer:
                     return jax.vmap(lambda x: one(x, None))(positions)
                 return jax.vmap(one)(positions, boxes)
 
-            self._local_deviation = jax.jit(local_observables)
+            self.local_deviation = jax.jit(local_observables)
 
-        key = jax.random.PRNGKey(int(config.seed))
-        key, k_init = jax.random.split(key)
-        positions = jnp.asarray(initial_positions)
-        md_state = self.sim.init(k_init, params, positions, self.kT)
-        depth = int(self.scfg.history_depth)
-        params = sharding.replicate(params, mesh)
-        self.state = {
-            "params": params,
-            "opt_state": sharding.replicate(self.optimizer.init(params), mesh),
-            "md_state": md_state,
-            "learn_start": md_state,
-            # [D, R, ...]: replicas split over the devices like the live state.
-            "history": sharding.shard_replicas(_stack_states([md_state] * depth), mesh, axis=1),
-            "history_count": 0,
-            "held": np.zeros(self.n_replicas, bool),
-            "key": key,
-            "phase": SIMULATION,
-            "new_phase": True,
-            "epoch": 0,
-            "learning_steps": 0,
-            "cycles": 0,
-            "lr": float(self.scfg.lr),
-            "lr_reductions": 0,
-            "best_fraction": 1.0,
-            "since_best": 0,
-            "time_s": 0.0,
-        }
-        self.ckpt = None
-        self.writer = None
-        if workdir is not None:
-            os.makedirs(workdir, exist_ok=True)
-            self.ckpt = CheckpointManager(os.path.join(workdir, "checkpoints"), max_to_keep=2)
-            restored = self.ckpt.restore_latest(self.state)
-            if restored is not None:
-                self.state = restored[1]
-                self.state["held"] = np.asarray(self.state["held"], bool)
-            log_cfg = config.get("log") or {}
-            self.writer = MetricsWriter(
-                os.path.join(workdir, "metrics.jsonl"),
-                resume_step=int(self.state["epoch"]),
-                step_key="epoch",
-                tensorboard=bool(log_cfg.get("tensorboard", False)),
-            )
-
-    # ------------------------------------------------------------------ checks
-
-    def _validate(self, initial_positions):
-        s, m = self.config.stable, self.config.md
-        if m.steps_per_epoch % m.check_every:
-            raise ValueError(
-                f"md.steps_per_epoch ({m.steps_per_epoch}) must be a multiple of md.check_every "
-                f"({m.check_every})"
-            )
-        if s.sample_every % m.check_every:
-            raise ValueError(
-                f"stable.sample_every ({s.sample_every}) must be a multiple of md.check_every "
-                f"({m.check_every})"
-            )
-        # A negative lower threshold means: only lr reductions end a learning phase.
-        if not -1.0 <= s.lower_threshold < s.upper_threshold <= 1.0:
-            raise ValueError(
-                "need -1 <= stable.lower_threshold < stable.upper_threshold <= 1, got "
-                f"{s.lower_threshold}, {s.upper_threshold}"
-            )
-        shape = np.shape(initial_positions)
-        if len(shape) != 3 or shape[0] != m.n_replicas or shape[1:] != (len(self.species), 3):
-            raise ValueError(
-                f"initial_positions must be [md.n_replicas={m.n_replicas}, "
-                f"{len(self.species)}, 3], got {shape}"
-            )
-        if s.qm_weight > 0 and self.qm_frames is None:
-            raise ValueError("stable.qm_weight > 0 needs QM training frames")
-
-    # ----------------------------------------------------------- compiled pieces
-
-    def _unstable_frames(self, positions):
-        """[R, F] bool: frames that cross the criterion (or are not finite)."""
-        return self.criterion.is_unstable(positions)
-
-    def _on_devices(self, tree, axis: int | None = 0):
+    def on_devices(self, tree, axis: int | None = 0):
         """Host arrays with a replica/sample axis at `axis`, split over the mesh
         (`axis=None`: whole on every device)."""
         if self.mesh is None:
@@ -484,21 +519,19 @@ class StableTrainer:
         w[:size] = 1.0
         return idx.reshape(n_chunks, chunk), w.reshape(n_chunks, chunk)
 
-    def _qm_chunks(self, key):
+    def qm_chunks(self, key):
         """The QM frames of one learning step: all of them (`qm_batch_size = 0`, the
         reference), or a random batch of `qm_batch_size` distinct frames."""
-        idx, w = self._qm_idx, self._qm_w
+        idx, w = self.qm_idx, self.qm_w
         if self.qm_frames is None or self.scfg.qm_weight <= 0 or self.scfg.qm_batch_size == 0:
             return idx, w
         n, size = self.qm_frames.n_frames, int(w.sum())
         pick = np.asarray(jax.random.permutation(key, n))[:size].astype(np.int32)
         idx = idx.copy().reshape(-1)
         idx[:size] = pick
-        return idx.reshape(self._qm_idx.shape), w
+        return idx.reshape(self.qm_idx.shape), w
 
-    # ------------------------------------------------------------------ epochs
-
-    def _samples(self, traj: md.Trajectory) -> dict:
+    def samples(self, traj: md.Trajectory) -> dict:
         """Every `sample_every`-th recorded frame of every replica, as estimator samples."""
         k = self.sample_stride
         pos = traj.position[:, k - 1 :: k]
@@ -517,22 +550,22 @@ class StableTrainer:
             # Edge capacity only grows (rounded up), so the learning step recompiles rarely.
             edges = cutoff_edges(safe, self.potential.cutoff, np.asarray(boxes).mean(axis=0))
             need = edges.shape[-1]
-            if need > self._edge_capacity:
-                self._edge_capacity = int(np.ceil(need * 1.1 / 256) * 256)
-            pad = np.full(edges.shape[:2] + (self._edge_capacity,), len(self.species), np.int32)
+            if need > self.edge_capacity:
+                self.edge_capacity = int(np.ceil(need * 1.1 / 256) * 256)
+            pad = np.full(edges.shape[:2] + (self.edge_capacity,), len(self.species), np.int32)
             pad[..., :need] = edges
             samples["edges"] = pad
             samples["box"] = np.asarray(boxes)
         return samples
 
-    def _selection(self, samples: dict, key) -> tuple[np.ndarray | None, dict]:
+    def selection(self, samples: dict, key) -> tuple[np.ndarray | None, dict]:
         """The localized estimator's samples: every neighbourhood of every frame, or a
         stratified sub-sample (`stable.local_sampling`)."""
         if not self.target.local:
             return None, {}
         dev = sharding.to_host(
-            self._local_deviation(
-                self._on_devices(samples["positions"]), self._on_devices(samples.get("box"))
+            self.local_deviation(
+                self.on_devices(samples["positions"]), self.on_devices(samples.get("box"))
             )
         )
         if self.scfg.local_sampling == "all":
@@ -544,168 +577,302 @@ class StableTrainer:
         )
         return selected, {"local_selected": int(selected.sum()), "local_candidates": dev.size}
 
-    def _random_resets(self, key):
-        """Reset ceil(reset_fraction x stable replicas) random stable replicas to random
-        stored states (the reference's diversity step at the start of a simulation phase)."""
-        st = self.state
-        stored = min(int(st["history_count"]), int(self.scfg.history_depth))
-        if stored == 0 or self.scfg.reset_fraction <= 0:
-            return 0
-        k1, k2, k3 = jax.random.split(key, 3)
-        stable = np.flatnonzero(~np.asarray(st["held"]))
-        n_reset = int(np.ceil(self.scfg.reset_fraction * stable.size))
-        if n_reset == 0:
-            return 0
-        chosen = np.asarray(jax.random.permutation(k1, stable))[:n_reset]
-        mask = np.zeros(self.n_replicas, bool)
-        mask[chosen] = True
-        slots = np.asarray(jax.random.randint(k2, (self.n_replicas,), 0, stored))
-        rows = np.arange(self.n_replicas)
-        earlier = jax.tree.map(lambda h: h[slots, rows], st["history"])
-        st["md_state"] = self.sim.reset(st["md_state"], earlier, mask, key=k3)
-        return n_reset
-
-    def _push_history(self, md_state):
-        st = self.state
-        slot = int(st["history_count"]) % int(self.scfg.history_depth)
-        st["history"] = jax.tree.map(lambda h, x: h.at[slot].set(x), st["history"], md_state)
-        st["history_count"] = int(st["history_count"]) + 1
-
-    def _simulation_epoch(self, key) -> dict:
-        st = self.state
-        n_reset = 0
-        if st["new_phase"]:
-            n_reset = self._random_resets(key)
-            st["new_phase"] = False
-        start = st["md_state"]
-        # Stored states are the starts of simulation epochs (as in the reference code).
-        self._push_history(start)
+    def run_md(self, params, start):
+        """One epoch of MD from `start`: (end state, trajectory, [R] bool went unstable)."""
         md_state, traj = self.sim.run(
-            st["params"], start, self.mcfg.steps_per_epoch, record_every=self.mcfg.check_every
+            params, start, self.mcfg.steps_per_epoch, record_every=self.mcfg.check_every
         )
-        flags = sharding.to_host(self._check(self._on_devices(traj.position)))
-        newly = (flags.any(axis=1) | sharding.to_host(md_state.unstable)) & ~st["held"]
-        if newly.any():
-            # Rewind by one epoch and hold there: the state one epoch before instability.
-            md_state = self.sim.reset(md_state, start, newly)
-        held = st["held"] | newly
-        md_state = self.sim.freeze(md_state, held)
-        st["md_state"] = md_state
-        st["held"] = held
-        fraction = float(held.mean())
-        record = {
-            "phase": "simulation",
-            "unstable_fraction": fraction,
-            "lr": 0.0,
-            "replicas_reset": n_reset,
-            "temperature_K": float(np.nanmean(traj.temperature)),
-        }
-        if fraction >= self.scfg.upper_threshold:
-            # Every replica restarts the learning phase from its state at the start of
-            # this epoch: the held ones sit there already; the stable ones are rewound
-            # too (the reference resets all replicas).
-            st["phase"] = LEARNING
-            st["learn_start"] = start
-            st["lr"] = float(self.scfg.lr)
-            st["lr_reductions"] = 0
-            st["best_fraction"] = fraction
-            st["since_best"] = 0
-        return record
+        flags = sharding.to_host(self.check(self.on_devices(traj.position)))
+        return md_state, traj, flags.any(axis=1) | sharding.to_host(md_state.unstable)
 
-    def _plateau(self, fraction: float) -> None:
-        """Reduce-on-plateau of the unstable fraction with the semantics of PyTorch's
-        `ReduceLROnPlateau(mode='min', threshold=1e-4, threshold_mode='rel')`, which the
-        reference uses: a step improves when fraction < best x (1 - 1e-4); the rate is
-        multiplied by `plateau_factor` once more than `plateau_patience` steps in a row
-        have not improved."""
-        st = self.state
-        if fraction < st["best_fraction"] * (1.0 - 1e-4):
-            st["best_fraction"], st["since_best"] = fraction, 0
-            return
-        st["since_best"] = int(st["since_best"]) + 1
-        if st["since_best"] > self.scfg.plateau_patience:
-            st["lr"] = float(st["lr"]) * self.scfg.plateau_factor
-            st["lr_reductions"] = int(st["lr_reductions"]) + 1
-            st["since_best"] = 0
 
-    def _learning_epoch(self, key) -> dict:
-        st = self.state
-        k_sel, k_qm = jax.random.split(key)
-        start = self.sim.unfreeze(st["learn_start"], np.ones(self.n_replicas, bool))
-        md_state, traj = self.sim.run(
-            st["params"], start, self.mcfg.steps_per_epoch, record_every=self.mcfg.check_every
+def init_state(setup: StableSetup, params: PyTree, initial_positions) -> StableState:
+    """The state of a fresh run: replicas initialised at `initial_positions` [R, n, 3] Å."""
+    key = jax.random.PRNGKey(int(setup.config.seed))
+    key, k_init = jax.random.split(key)
+    md_state = setup.sim.init(k_init, params, jnp.asarray(initial_positions), setup.kT)
+    depth = int(setup.scfg.history_depth)
+    params = sharding.replicate(params, setup.mesh)
+    return StableState(
+        params=params,
+        opt_state=sharding.replicate(setup.optimizer.init(params), setup.mesh),
+        md_state=md_state,
+        learn_start=md_state,
+        # [D, R, ...]: replicas split over the devices like the live state.
+        history=sharding.shard_replicas(_stack_states([md_state] * depth), setup.mesh, axis=1),
+        history_count=_i32(0),
+        held=np.zeros(setup.n_replicas, bool),
+        key=key,
+        phase=_i32(SIMULATION),
+        new_phase=np.asarray(True),
+        epoch=_i32(0),
+        learning_steps=_i32(0),
+        cycles=_i32(0),
+        plateau=setup.plateau.init(params),
+        lr_reductions=_i32(0),
+        time_s=np.asarray(0.0, np.float64),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Epochs: pure transitions of the state
+# ---------------------------------------------------------------------------------------------
+
+
+def epoch_key(state: StableState):
+    """The PRNG key of the state's next epoch (depends only on the seed and the epoch)."""
+    return jax.random.fold_in(state.key, int(state.epoch))
+
+
+def _random_resets(setup: StableSetup, state: StableState, key):
+    """Reset ceil(reset_fraction x stable replicas) random stable replicas to random
+    stored states (the reference's diversity step at the start of a simulation phase).
+    Returns (md_state, number reset)."""
+    stored = min(int(state.history_count), int(setup.scfg.history_depth))
+    if stored == 0 or setup.scfg.reset_fraction <= 0:
+        return state.md_state, 0
+    k1, k2, k3 = jax.random.split(key, 3)
+    stable = np.flatnonzero(~np.asarray(state.held))
+    n_reset = int(np.ceil(setup.scfg.reset_fraction * stable.size))
+    if n_reset == 0:
+        return state.md_state, 0
+    chosen = np.asarray(jax.random.permutation(k1, stable))[:n_reset]
+    mask = np.zeros(setup.n_replicas, bool)
+    mask[chosen] = True
+    slots = np.asarray(jax.random.randint(k2, (setup.n_replicas,), 0, stored))
+    rows = np.arange(setup.n_replicas)
+    earlier = jax.tree.map(lambda h: h[slots, rows], state.history)
+    return setup.sim.reset(state.md_state, earlier, mask, key=k3), n_reset
+
+
+def simulation_epoch(state: StableState, setup: StableSetup) -> tuple[StableState, dict]:
+    """One simulation epoch (learning rate 0): returns (next state, metrics record).
+
+    Random resets when the epoch starts a phase; the epoch's start is stored; replicas
+    that become unstable are rewound to that start and held; the learning phase starts
+    (every replica from this epoch's start) when the held fraction reaches
+    `upper_threshold`.
+    """
+    n_reset = 0
+    md_state = state.md_state
+    if state.new_phase:
+        md_state, n_reset = _random_resets(setup, state, epoch_key(state))
+    start = md_state
+    # Stored states are the starts of simulation epochs (as in the reference code).
+    slot = int(state.history_count) % int(setup.scfg.history_depth)
+    history = jax.tree.map(lambda h, x: h.at[slot].set(x), state.history, start)
+    md_state, traj, unstable = setup.run_md(state.params, start)
+    newly = unstable & ~state.held
+    if newly.any():
+        # Rewind by one epoch and hold there: the state one epoch before instability.
+        md_state = setup.sim.reset(md_state, start, newly)
+    held = state.held | newly
+    md_state = setup.sim.freeze(md_state, held)
+    fraction = float(held.mean())
+    record = {
+        "phase": "simulation",
+        "unstable_fraction": fraction,
+        "lr": 0.0,
+        "replicas_reset": n_reset,
+        "temperature_K": float(np.nanmean(traj.temperature)),
+    }
+    state = state.replace(
+        md_state=md_state,
+        held=held,
+        history=history,
+        history_count=_i32(int(state.history_count) + 1),
+        new_phase=np.asarray(False),
+        epoch=_i32(int(state.epoch) + 1),
+    )
+    if fraction >= setup.scfg.upper_threshold:
+        # Every replica restarts the learning phase from its state at the start of
+        # this epoch: the held ones sit there already; the stable ones are rewound
+        # too (the reference resets all replicas).
+        state = state.replace(
+            phase=_i32(LEARNING),
+            learn_start=start,
+            lr_reductions=_i32(0),
+            plateau=plateau_start(setup.plateau, state.params, fraction),
         )
-        flags = sharding.to_host(self._check(self._on_devices(traj.position)))
-        went_unstable = flags.any(axis=1) | sharding.to_host(md_state.unstable)
-        fraction = float(went_unstable.mean())
-        samples = self._samples(traj)
-        selected, sel_record = self._selection(samples, k_sel)
-        qm_idx, qm_w = self._qm_chunks(k_qm)
-        # Samples are [R x frames] in replica order: split over the devices like the
-        # replicas; the estimator's sums over them become cross-device reductions.
-        # QM frames of a chunk are split too when they divide evenly (data parallel).
-        qm_axis = 1 if self.mesh is not None and qm_idx.shape[1] % self.mesh.size == 0 else None
-        params, opt_state, metrics = self._learn_step(
-            st["params"],
-            st["opt_state"],
-            self._on_devices(samples),
-            None if selected is None else self._on_devices(selected),
-            self._on_devices(qm_idx, axis=qm_axis),
-            self._on_devices(qm_w, axis=qm_axis),
-            self._on_devices(np.asarray(st["lr"], dtype=jnp.result_type(float)), axis=None),
+    return state, record
+
+
+def learning_epoch(state: StableState, setup: StableSetup) -> tuple[StableState, dict]:
+    """One learning epoch: returns (next state, metrics record).
+
+    Every replica runs one epoch from its learning-phase start with the current model;
+    one clipped SGD step on the estimator (+ QM) gradient of its samples; the plateau
+    rule sees the epoch's unstable fraction. The phase ends at `lower_threshold` or
+    after `max_lr_reductions` reductions: the next simulation phase continues from the
+    end states (replicas that went unstable from their learning-phase start).
+    """
+    k_sel, k_qm = jax.random.split(epoch_key(state))
+    everyone = np.ones(setup.n_replicas, bool)
+    start = setup.sim.unfreeze(state.learn_start, everyone)
+    md_state, traj, went_unstable = setup.run_md(state.params, start)
+    fraction = float(went_unstable.mean())
+    samples = setup.samples(traj)
+    selected, sel_record = setup.selection(samples, k_sel)
+    qm_idx, qm_w = setup.qm_chunks(k_qm)
+    lr = learning_rate(setup.scfg, state.lr_reductions)
+    # Samples are [R x frames] in replica order: split over the devices like the
+    # replicas; the estimator's sums over them become cross-device reductions.
+    # QM frames of a chunk are split too when they divide evenly (data parallel).
+    mesh = setup.mesh
+    qm_axis = 1 if mesh is not None and qm_idx.shape[1] % mesh.size == 0 else None
+    params, opt_state, metrics = setup.learn_step(
+        state.params,
+        state.opt_state,
+        setup.on_devices(samples),
+        None if selected is None else setup.on_devices(selected),
+        setup.on_devices(qm_idx, axis=qm_axis),
+        setup.on_devices(qm_w, axis=qm_axis),
+        setup.on_devices(np.asarray(lr, dtype=jnp.result_type(float)), axis=None),
+    )
+    metrics = {k: float(v) for k, v in sharding.to_host(metrics).items()}
+    if not np.isfinite(metrics["observable_loss"]):
+        raise FloatingPointError(
+            "observable loss is not finite (fewer than 2 usable samples?): "
+            f"{metrics}; lower stable.lr or check the stability threshold"
         )
-        metrics = {k: float(v) for k, v in sharding.to_host(metrics).items()}
-        if not np.isfinite(metrics["observable_loss"]):
-            raise FloatingPointError(
-                "observable loss is not finite (fewer than 2 usable samples?): "
-                f"{metrics}; lower stable.lr or check the stability threshold"
+    record = {
+        "phase": "learning",
+        "unstable_fraction": fraction,
+        "lr": lr,
+        **metrics,
+        **sel_record,
+    }
+    plateau = setup.plateau_update(state.plateau, fraction)
+    reduced = bool(plateau.scale < state.plateau.scale)
+    state = state.replace(
+        params=params,
+        opt_state=opt_state,
+        learning_steps=_i32(int(state.learning_steps) + 1),
+        plateau=plateau,
+        lr_reductions=_i32(int(state.lr_reductions) + reduced),
+        epoch=_i32(int(state.epoch) + 1),
+    )
+    if (
+        fraction <= setup.scfg.lower_threshold
+        or int(state.lr_reductions) >= setup.scfg.max_lr_reductions
+    ):
+        # Continue simulating from where learning ended; replicas that went
+        # unstable in this epoch restart from their learning-phase start.
+        md_state = setup.sim.reset(md_state, start, went_unstable)
+        state = state.replace(
+            md_state=setup.sim.unfreeze(md_state, everyone),
+            held=np.zeros(setup.n_replicas, bool),
+            phase=_i32(SIMULATION),
+            new_phase=np.asarray(True),
+            cycles=_i32(int(state.cycles) + 1),
+        )
+        record["phase_end"] = True
+    return state, record
+
+
+def run_epoch(state: StableState, setup: StableSetup) -> tuple[StableState, dict]:
+    """The state's next epoch, simulation or learning by its phase."""
+    if int(state.phase) == SIMULATION:
+        return simulation_epoch(state, setup)
+    return learning_epoch(state, setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer: the loop, checkpoints, metrics, progress
+# ---------------------------------------------------------------------------------------------
+
+
+class StableTrainer:
+    """Runs StABlE training from pre-trained params; resumable from `workdir`.
+
+    A thin loop over `run_epoch`: it times each epoch, writes the metrics record,
+    checkpoints the `StableState` and shows progress.
+
+    Args:
+      potential: the model.
+      params: pre-trained parameters (the starting point).
+      species: [n] atomic numbers.
+      box: [3] Å periodic box, or None for molecules.
+      config: the experiment config (blocks `md`, `stable`, `seed` are read).
+      criterion: training stability criterion (`stablejax.stability`), applied to
+        frames [..., n, 3].
+      target: the observable and its reference (`ObservableTarget`).
+      qm_frames: QM training frames (energies/forces) for the lambda-weighted
+        regulariser; may be None when `stable.qm_weight == 0`.
+      initial_positions: [R, n, 3] Å replica starting structures (training set).
+      workdir: folder for checkpoints and metrics.jsonl (None: in memory only).
+      progress: print a progress line per epoch.
+      mesh: a `stablejax.sharding` mesh: replicas (MD state, stored states,
+        stability checks) and the estimator's samples are split over its devices,
+        parameters replicated; `md.n_replicas` must be a multiple of its size.
+        None: one device.
+
+    Attributes:
+      setup: the `StableSetup` (simulator, compiled pieces, configs).
+      state: the current `StableState` (restored from the workdir's latest checkpoint).
+    """
+
+    def __init__(
+        self,
+        *,
+        potential: Potential,
+        params: PyTree,
+        species,
+        box,
+        config: ml_collections.ConfigDict,
+        criterion: StabilityCriterion,
+        target: ObservableTarget,
+        qm_frames: QMFrames | None,
+        initial_positions,
+        workdir: str | None = None,
+        progress: bool = True,
+        mesh=None,
+    ):
+        _validate(config, np.asarray(species), initial_positions, qm_frames)
+        self.setup = StableSetup(
+            potential=potential,
+            species=species,
+            box=box,
+            config=config,
+            criterion=criterion,
+            target=target,
+            qm_frames=qm_frames,
+            mesh=mesh,
+        )
+        self.config = config
+        self.scfg = config.stable
+        self.mcfg = config.md
+        self.n_replicas = self.setup.n_replicas
+        self.runtime = self.setup.runtime
+        self.workdir = workdir
+        self.progress = progress
+        self.state = init_state(self.setup, params, initial_positions)
+        self.ckpt = None
+        self.writer = None
+        if workdir is not None:
+            os.makedirs(workdir, exist_ok=True)
+            self.ckpt = CheckpointManager(os.path.join(workdir, "checkpoints"), max_to_keep=2)
+            restored = self.ckpt.restore_latest(self.state)
+            if restored is not None:
+                self.state = restored[1]
+            log_cfg = config.get("log") or {}
+            self.writer = MetricsWriter(
+                os.path.join(workdir, "metrics.jsonl"),
+                resume_step=int(self.state.epoch),
+                step_key="epoch",
+                tensorboard=bool(log_cfg.get("tensorboard", False)),
             )
-        record = {
-            "phase": "learning",
-            "unstable_fraction": fraction,
-            "lr": st["lr"],
-            **metrics,
-            **sel_record,
-        }
-        st["params"], st["opt_state"] = params, opt_state
-        st["learning_steps"] = int(st["learning_steps"]) + 1
-        self._plateau(fraction)
-        if (
-            fraction <= self.scfg.lower_threshold
-            or st["lr_reductions"] >= self.scfg.max_lr_reductions
-        ):
-            # Continue simulating from where learning ended; replicas that went
-            # unstable in this epoch restart from their learning-phase start.
-            md_state = self.sim.reset(md_state, start, went_unstable)
-            md_state = self.sim.unfreeze(md_state, np.ones(self.n_replicas, bool))
-            st["md_state"] = md_state
-            st["held"] = np.zeros(self.n_replicas, bool)
-            st["phase"] = SIMULATION
-            st["new_phase"] = True
-            st["cycles"] = int(st["cycles"]) + 1
-            record["phase_end"] = True
-        return record
 
     def budget_left(self) -> bool:
-        st = self.state
-        if st["epoch"] >= self.scfg.max_epochs:
-            return False
-        cycles = int(self.scfg.max_learning_cycles)
-        if cycles > 0 and int(st["cycles"]) >= cycles:
-            return False
-        steps = int(self.scfg.max_learning_steps)
-        if steps > 0 and int(st["learning_steps"]) >= steps:
-            return False
-        return not (self.scfg.max_time_s > 0 and st["time_s"] >= self.scfg.max_time_s)
+        return budget_left(self.state, self.scfg)
 
     def run(self) -> PyTree:
         """Runs epochs until the budget is spent; returns the trained params."""
-        st = self.state
         # A live bar on a terminal; one line per epoch otherwise (logs, CI, nohup).
         bar = progress_bar(
             int(self.scfg.max_epochs),
             desc="StABlE",
-            initial=int(st["epoch"]),
+            initial=int(self.state.epoch),
             disable=not self.progress or None,
         )
         try:
@@ -714,30 +881,27 @@ class StableTrainer:
             bar.close()
         if self.ckpt is not None:
             self.ckpt.wait_until_finished()
-        return st["params"]
+        return self.state.params
 
     def _run_epochs(self, bar) -> None:
-        st = self.state
         while self.budget_left():
             t0 = time.perf_counter()
-            key = jax.random.fold_in(st["key"], int(st["epoch"]))
-            if st["phase"] == SIMULATION:
-                record = self._simulation_epoch(key)
-            else:
-                record = self._learning_epoch(key)
-            st["epoch"] = int(st["epoch"]) + 1
-            st["time_s"] = float(st["time_s"]) + time.perf_counter() - t0
+            state, record = run_epoch(self.state, self.setup)
+            state = state.replace(
+                time_s=np.asarray(float(state.time_s) + time.perf_counter() - t0, np.float64)
+            )
+            self.state = state
             record.update(
-                epoch=st["epoch"],
-                wall_time_s=st["time_s"],
-                cycles=st["cycles"],
+                epoch=int(state.epoch),
+                wall_time_s=float(state.time_s),
+                cycles=int(state.cycles),
                 n_devices=self.runtime["n_devices"],
                 n_processes=self.runtime["n_processes"],
             )
             if self.writer is not None:
                 self.writer.write(record)
             if self.ckpt is not None:
-                self.ckpt.save(int(st["epoch"]), st)
+                self.ckpt.save(int(state.epoch), state)
             if self.progress and bar.disable:
                 logger.info(_progress_line(record, self.scfg.max_epochs))
             elif self.progress:
@@ -749,6 +913,34 @@ class StableTrainer:
         if self.writer is None:
             return []
         return read_metrics(self.writer.path)
+
+
+def _validate(config, species, initial_positions, qm_frames):
+    s, m = config.stable, config.md
+    if m.steps_per_epoch % m.check_every:
+        raise ValueError(
+            f"md.steps_per_epoch ({m.steps_per_epoch}) must be a multiple of md.check_every "
+            f"({m.check_every})"
+        )
+    if s.sample_every % m.check_every:
+        raise ValueError(
+            f"stable.sample_every ({s.sample_every}) must be a multiple of md.check_every "
+            f"({m.check_every})"
+        )
+    # A negative lower threshold means: only lr reductions end a learning phase.
+    if not -1.0 <= s.lower_threshold < s.upper_threshold <= 1.0:
+        raise ValueError(
+            "need -1 <= stable.lower_threshold < stable.upper_threshold <= 1, got "
+            f"{s.lower_threshold}, {s.upper_threshold}"
+        )
+    shape = np.shape(initial_positions)
+    if len(shape) != 3 or shape[0] != m.n_replicas or shape[1:] != (len(species), 3):
+        raise ValueError(
+            f"initial_positions must be [md.n_replicas={m.n_replicas}, {len(species)}, 3], "
+            f"got {shape}"
+        )
+    if s.qm_weight > 0 and qm_frames is None:
+        raise ValueError("stable.qm_weight > 0 needs QM training frames")
 
 
 def _progress_line(record: dict, max_epochs: int, *, short: bool = False) -> str:

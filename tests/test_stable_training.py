@@ -90,8 +90,33 @@ def make_trainer(config, dataset, workdir, mesh=None):
     )
 
 
+TIMING_FIELDS = (
+    "wall_time_s",
+    "md_time_s",
+    "md_steps_per_s",
+    "md_replica_steps_per_s",
+    "learning_step_time_s",
+)
+
+
 def _strip(records):
-    return [{k: v for k, v in r.items() if k != "wall_time_s"} for r in records]
+    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records]
+
+
+def test_records_carry_md_speed_and_learning_step_time(tmp_path):
+    config = tiny_config(max_epochs=4)
+    trainer = make_trainer(config, harmonic_bond_dataset(), str(tmp_path / "run"))
+    trainer.run()
+    records = trainer.history
+    assert {r["phase"] for r in records} == {"simulation", "learning"}
+    steps = config.md.steps_per_epoch
+    for r in records:
+        assert r["md_time_s"] > 0
+        assert r["md_steps_per_s"] == pytest.approx(steps / r["md_time_s"])
+        assert r["md_replica_steps_per_s"] == pytest.approx(
+            steps * config.md.n_replicas / r["md_time_s"]
+        )
+        assert ("learning_step_time_s" in r) == (r["phase"] == "learning")
 
 
 def test_resume_equals_uninterrupted(tmp_path):

@@ -645,6 +645,17 @@ def _random_resets(setup: StableSetup, state: StableState, key):
     return setup.sim.reset(state.md_state, earlier, mask, key=k3), n_reset
 
 
+def _md_speed(setup: StableSetup, seconds: float) -> dict:
+    """The epoch's MD speed: batched steps per second and replica-steps per second."""
+    steps = int(setup.mcfg.steps_per_epoch)
+    seconds = max(float(seconds), 1e-12)
+    return {
+        "md_time_s": seconds,
+        "md_steps_per_s": steps / seconds,
+        "md_replica_steps_per_s": steps * setup.n_replicas / seconds,
+    }
+
+
 def simulation_epoch(state: StableState, setup: StableSetup) -> tuple[StableState, dict]:
     """One simulation epoch (learning rate 0): returns (next state, metrics record).
 
@@ -661,7 +672,9 @@ def simulation_epoch(state: StableState, setup: StableSetup) -> tuple[StableStat
     # Stored states are the starts of simulation epochs (as in the reference code).
     slot = int(state.history_count) % int(setup.scfg.history_depth)
     history = jax.tree.map(lambda h, x: h.at[slot].set(x), state.history, start)
+    t0 = time.perf_counter()
     md_state, traj, unstable = setup.run_md(state.params, start)
+    md_time = time.perf_counter() - t0
     newly = unstable & ~state.held
     if newly.any():
         # Rewind by one epoch and hold there: the state one epoch before instability.
@@ -675,6 +688,7 @@ def simulation_epoch(state: StableState, setup: StableSetup) -> tuple[StableStat
         "lr": 0.0,
         "replicas_reset": n_reset,
         "temperature_K": float(np.nanmean(traj.temperature)),
+        **_md_speed(setup, md_time),
     }
     state = state.replace(
         md_state=md_state,
@@ -709,7 +723,9 @@ def learning_epoch(state: StableState, setup: StableSetup) -> tuple[StableState,
     k_sel, k_qm = jax.random.split(epoch_key(state))
     everyone = np.ones(setup.n_replicas, bool)
     start = setup.sim.unfreeze(state.learn_start, everyone)
+    t0 = time.perf_counter()
     md_state, traj, went_unstable = setup.run_md(state.params, start)
+    md_time = time.perf_counter() - t0
     fraction = float(went_unstable.mean())
     samples = setup.samples(traj)
     selected, sel_record = setup.selection(samples, k_sel)
@@ -720,6 +736,7 @@ def learning_epoch(state: StableState, setup: StableSetup) -> tuple[StableState,
     # QM frames of a chunk are split too when they divide evenly (data parallel).
     mesh = setup.mesh
     qm_axis = 1 if mesh is not None and qm_idx.shape[1] % mesh.size == 0 else None
+    t0 = time.perf_counter()
     params, opt_state, metrics = setup.learn_step(
         state.params,
         state.opt_state,
@@ -730,6 +747,7 @@ def learning_epoch(state: StableState, setup: StableSetup) -> tuple[StableState,
         setup.on_devices(np.asarray(lr, dtype=jnp.result_type(float)), axis=None),
     )
     metrics = {k: float(v) for k, v in sharding.to_host(metrics).items()}
+    learn_time = time.perf_counter() - t0
     if not np.isfinite(metrics["observable_loss"]):
         raise FloatingPointError(
             "observable loss is not finite (fewer than 2 usable samples?): "
@@ -741,6 +759,9 @@ def learning_epoch(state: StableState, setup: StableSetup) -> tuple[StableState,
         "lr": lr,
         **metrics,
         **sel_record,
+        **_md_speed(setup, md_time),
+        # The learning step (estimator + QM gradient + update), first epoch with compile.
+        "learning_step_time_s": learn_time,
     }
     plateau = setup.plateau_update(state.plateau, fraction)
     reduced = bool(plateau.scale < state.plateau.scale)

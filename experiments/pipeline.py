@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from stablejax import observables, sharding, stability, units
+from stablejax import geometry, observables, sharding, stability, units
 from stablejax.data import load, sample_initial_conditions, split_dataset
 from stablejax.data import topology as topo
 from stablejax.estimator import neighbourhood_membership, reweight_observable
@@ -604,11 +604,7 @@ def _min_intermolecular_target(config, dataset, train, mol) -> ObservableTarget:
     i, j = jnp.asarray(pairs[:, 0]), jnp.asarray(pairs[:, 1])
 
     def pair_distances(x):
-        d = x[j] - x[i]
-        if box is not None:
-            b = jnp.asarray(box, x.dtype)
-            d = d - b * jnp.round(d / b)
-        return jnp.sqrt(jnp.sum(d * d, axis=-1))
+        return geometry.pair_distances(x, i, j, box)
 
     def fn(x):
         return jnp.min(pair_distances(x)).reshape(1)

@@ -292,3 +292,35 @@ def test_trajectory_writers_keep_the_cell(tmp_path):
     np.testing.assert_allclose(readers.load(tmp_path / "r.extxyz").box, cell, atol=1e-7)
     md.write_trajectory(tmp_path / "r.npz", pos[0], species, box=cell)
     assert np.load(tmp_path / "r.npz")["box"].shape == (2, 3, 3)
+
+
+def test_min_intermolecular_observable_uses_the_cell_minimum_image():
+    """The training observable 'min_intermolecular_distance' in a skewed cell equals a
+    brute force over the 27 nearest images (a private orthorhombic round was wrong here)."""
+    import types
+
+    import ml_collections
+
+    from experiments import pipeline
+
+    rng = np.random.default_rng(3)
+    cell = np.array([[6.0, 0.0, 0.0], [4.5, 5.0, 0.0], [1.0, 2.0, 6.5]])
+    mol = np.array([0, 0, 1, 1, 2, 2])
+    frames = rng.uniform(0, 1, (4, 6, 3)) @ cell
+    config = ml_collections.ConfigDict({"stable": {"estimator": "global", "local_k_nearest": 0}})
+    dataset = types.SimpleNamespace(box=cell)
+    target = pipeline._min_intermolecular_target(
+        config, dataset, types.SimpleNamespace(positions=frames), mol
+    )
+    shifts = np.array(np.meshgrid(*[[-1, 0, 1]] * 3, indexing="ij")).reshape(3, -1).T @ cell
+    expected = []
+    for x in frames:
+        best = np.inf
+        for a in range(6):
+            for b in range(6):
+                if mol[a] != mol[b]:
+                    d = x[b] - x[a] + shifts
+                    best = min(best, np.linalg.norm(d, axis=-1).min())
+        expected.append(best)
+    got = [float(target.observable_fn(jnp.asarray(x))[0]) for x in frames]
+    np.testing.assert_allclose(got, expected, rtol=1e-5)

@@ -28,7 +28,7 @@ import numpy as np
 from ase import units as _ase_units
 from jax.scipy.special import erf, erfc
 
-from stablejax import units
+from stablejax import geometry, units
 
 __all__ = [
     "SPCFW",
@@ -146,7 +146,7 @@ def spcfw_energy_fn(
         dtype = positions.dtype
         L = jnp.asarray(box_np, dtype)
         dr = positions[:, None, :] - positions[None, :, :]
-        dr = dr - L * jnp.round(dr / L)
+        dr = geometry.minimum_image(dr, L)
         r2 = jnp.sum(dr**2, axis=-1)
 
         # Double-where keeps gradients finite on the masked diagonal (r = 0).
@@ -166,8 +166,8 @@ def spcfw_energy_fn(
         o = positions[o_idx]
         b1 = positions[o_idx + 1] - o
         b2 = positions[o_idx + 2] - o
-        b1 = b1 - L * jnp.round(b1 / L)
-        b2 = b2 - L * jnp.round(b2 / L)
+        b1 = geometry.minimum_image(b1, L)
+        b2 = geometry.minimum_image(b2, L)
         l1 = jnp.linalg.norm(b1, axis=-1)
         l2 = jnp.linalg.norm(b2, axis=-1)
         e_bond = c_b * jnp.sum((l1 - r0) ** 2 + (l2 - r0) ** 2)

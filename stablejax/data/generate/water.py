@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stablejax import units
+from stablejax import geometry, units
 from stablejax.data.dataset import Dataset
 from stablejax.data.generate.cache import (
     ChunkStore,
@@ -232,8 +232,9 @@ def water_sanity(
     o = pos[:, 0::3]
     b1 = pos[:, 1::3] - o
     b2 = pos[:, 2::3] - o
-    b1 -= box * np.round(b1 / box)
-    b2 -= box * np.round(b2 / box)
+    sides = np.full(3, float(box))
+    b1 = geometry.minimum_image_np(b1, sides)
+    b2 = geometry.minimum_image_np(b2, sides)
     l1 = np.linalg.norm(b1, axis=-1)
     l2 = np.linalg.norm(b2, axis=-1)
     cosang = np.sum(b1 * b2, -1) / (l1 * l2)
@@ -248,7 +249,7 @@ def water_sanity(
     iu = np.triu_indices(n_o, k=1)
     for frame in o:
         d = frame[:, None] - frame[None, :]
-        d -= box * np.round(d / box)
+        d = geometry.minimum_image_np(d, sides)
         r = np.linalg.norm(d, axis=-1)[iu]
         hist += np.histogram(r, edges)[0]
     shell = 4 / 3 * np.pi * (edges[1:] ** 3 - edges[:-1] ** 3)

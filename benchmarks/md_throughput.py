@@ -16,8 +16,15 @@ molecule held by a Morse pair network) and R = 1, 8, 32, 128 replicas:
 Timings use ``block_until_ready`` (``run`` returns host arrays), the minimum
 of repeats, and report compile time separately.
 
+``free_space_edges``: the MD step time of the Ac-Ala3-NHMe NequIP (the
+tetrapeptide ``quick`` model config, an RDKit conformer, Nose-Hoover at
+500 K as in that config) with dense all-pairs edges vs free-space cutoff lists
+(``Simulator(free_space_edges="cutoff")``, list radius cutoff + ``md.skin``),
+8 replicas x 100 steps after a warm-up; ``ratio`` = cutoff / all-pairs step
+time (goal <= 0.6).
+
 Usage:
-  python -m benchmarks.md_throughput [--out DIR] [--quick]
+  python -m benchmarks.md_throughput [--out DIR] [--quick] [--only-free-space-edges]
 """
 
 from __future__ import annotations
@@ -157,7 +164,7 @@ def bench_md(system, R, n_steps, repeats):
     box = holder["state"].box
     forces = jax.vmap(
         sim._energy_force,
-        in_axes=(None, 0, None if system["box"] is None else 0, None if box is None else 0),
+        in_axes=(None, 0, sim._edges_in_axes(), None if box is None else 0),
     )
 
     @jax.jit
@@ -236,10 +243,132 @@ def bench_ase(system, n_steps):
     return (time.perf_counter() - t0) / n_steps
 
 
+def tetrapeptide_geometry(seed: int = 0):
+    """(species [42], positions [42, 3] Å) of Ac-Ala3-NHMe: an RDKit conformer if RDKit
+    is installed, else a chain-like random geometry of the same size and composition."""
+    try:
+        from stablejax.data.generate.xtb import MOLECULES, rdkit_geometry
+
+        return rdkit_geometry(MOLECULES["tetrapeptide"], seed=seed)
+    except ImportError:
+        rng = np.random.default_rng(seed)
+        heavy = np.cumsum(rng.normal(size=(21, 3)) * 0.5 + [1.2, 0.4, 0.0], axis=0)
+        hydrogens = heavy + 1.05 * rng.normal(size=(21, 3)) / np.sqrt(3)
+        species = np.array([6] * 12 + [7] * 4 + [8] * 5 + [1] * 21)
+        return species, np.concatenate([heavy, hydrogens])
+
+
+def bench_free_space_edges(
+    n_replicas: int = 8, n_steps: int = 100, repeats: int = 2, extra_skins=(0.5,)
+):
+    """Step time of the tetrapeptide NequIP, all-pairs vs cutoff edges (same start).
+
+    Rows: ``all_pairs``, ``cutoff`` (the config's ``md.skin``) and ``cutoff_skin_<s>``
+    for each of ``extra_skins`` (Å); each with the MD step time and the time of a bare
+    batched energy+force evaluation with the same edges (``force_eval_s``).
+    """
+    import ml_collections
+
+    from experiments.configs import tetrapeptide
+    from stablejax.potentials import factory
+
+    config = tetrapeptide.get_config("quick")
+    potential = factory.build(config.model)
+    species, x = tetrapeptide_geometry()
+    n = len(species)
+    params = potential.init(jax.random.key(0), species, x, None)
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
+    rng = np.random.default_rng(0)
+    pos = (x[None] + 0.02 * rng.normal(size=(n_replicas, n, 3))).astype(np.float32)
+    kT = units.kT_from_kelvin(config.md.temperature_K)
+    md_config = ml_collections.ConfigDict(config.md.to_dict())
+    out = {
+        "system": "Ac-Ala3-NHMe NequIP (tetrapeptide quick model)",
+        "n_atoms": n,
+        "replicas": n_replicas,
+        "n_steps": n_steps,
+        "cutoff_A": potential.cutoff,
+        "skin_A": md_config.skin,
+        "pairs_all": n * (n - 1),
+        "pairs_within_cutoff": int(
+            np.sum(np.linalg.norm(x[:, None] - x[None], axis=-1) < potential.cutoff) - n
+        ),
+    }
+    modes = {"all_pairs": ("all_pairs", md_config.skin), "cutoff": ("cutoff", md_config.skin)}
+    modes.update({f"cutoff_skin_{s:g}": ("cutoff", float(s)) for s in extra_skins})
+    sims, holders = {}, {}
+    for name, (mode, skin) in modes.items():
+        md_config.free_space_edges = mode
+        md_config.skin = skin
+        sims[name] = md.make_simulator(potential, species, None, md_config, chunk_steps=n_steps)
+        holders[name] = {"state": sims[name].init(jax.random.PRNGKey(0), params, pos, kT)}
+
+    def md_run(name):
+        h = holders[name]
+        t0 = time.perf_counter()
+        h["state"], h["traj"] = sims[name].run(params, h["state"], n_steps, record_every=n_steps)
+        return time.perf_counter() - t0
+
+    def force_fn(name):
+        sim, state = sims[name], holders[name]["state"]
+        forces = jax.vmap(sim._energy_force, in_axes=(None, 0, sim._edges_in_axes(), None))
+        edges = sim._edges(state)
+
+        @jax.jit
+        def bare(position):
+            def body(_, r):
+                _, f, _ = forces(params, r, edges, None)
+                return r + 1e-30 * f  # carried, so the loop body cannot be hoisted
+
+            return jax.lax.fori_loop(0, 10, body, position)
+
+        bare(state.position).block_until_ready()  # compile
+        return lambda: bare(state.position).block_until_ready()
+
+    first = {name: md_run(name) for name in sims}  # compiles and warms up
+    bare = {name: force_fn(name) for name in sims}
+    best = {name: np.inf for name in sims}
+    best_force = {name: np.inf for name in sims}
+    for _ in range(repeats):  # interleaved, so that load changes hit every row alike
+        for name in sims:
+            best[name] = min(best[name], md_run(name))
+            t0 = time.perf_counter()
+            bare[name]()
+            best_force[name] = min(best_force[name], (time.perf_counter() - t0) / 10)
+    for name, sim in sims.items():
+        state = holders[name]["state"]
+        out[name] = {
+            "skin_A": modes[name][1],
+            "md_step_s": best[name] / n_steps,
+            "force_eval_s": best_force[name],
+            "compile_s": max(first[name] - best[name], 0.0),
+            "edge_slots": n * (n - 1)
+            if state.neighbors is None
+            else int(state.neighbors.edges.shape[-1]),
+            "reallocations": sim.num_reallocations,
+            "unstable_replicas": int(np.sum(np.asarray(state.unstable))),
+        }
+    ref = out["all_pairs"]
+    for name in sims:
+        if name != "all_pairs":
+            out[name]["ratio"] = out[name]["md_step_s"] / ref["md_step_s"]
+            out[name]["force_eval_ratio"] = out[name]["force_eval_s"] / ref["force_eval_s"]
+            # Same start, same noise: equal up to float32 summation order (chaos grows it).
+            diff = holders[name]["traj"].position - holders["all_pairs"]["traj"].position
+            out[name]["max_position_difference_A"] = float(np.max(np.abs(diff)))
+    out["ratio"] = out["cutoff"]["ratio"]
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="directory for md_throughput.json")
     parser.add_argument("--quick", action="store_true", help="fewer steps and repeats")
+    parser.add_argument(
+        "--only-free-space-edges",
+        action="store_true",
+        help="run only the free-space all-pairs vs cutoff-list comparison",
+    )
     args = parser.parse_args(argv)
     jax.config.update("jax_enable_x64", False)
     n_steps = 100 if args.quick else 500
@@ -247,7 +376,18 @@ def main(argv=None):
     ase_steps = 50 if args.quick else 200
 
     results = {"device": str(jax.devices()[0]), "n_steps": n_steps, "systems": {}}
-    for system in (lj_system(), molecule_system()):
+    fse = bench_free_space_edges(repeats=repeats)
+    results["free_space_edges"] = fse
+    print(f"free-space edges ({fse['system']}, {fse['replicas']} replicas):")
+    for name, row in fse.items():
+        if isinstance(row, dict):
+            print(
+                f"  {name:18s} skin {row['skin_A']:.2f} A  {row['edge_slots']:5d} edge slots  "
+                f"MD {1e3 * row['md_step_s']:7.2f} ms/step  force {1e3 * row['force_eval_s']:7.2f}"
+                f" ms  ratio {row.get('ratio', 1.0):.2f} (force {row.get('force_eval_ratio', 1.0):.2f})"
+            )
+    systems = () if args.only_free_space_edges else (lj_system(), molecule_system())
+    for system in systems:
         n = len(system["species"])
         per_r = {}
         for R in REPLICAS:

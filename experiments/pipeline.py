@@ -43,7 +43,7 @@ from stablejax.evaluation import (
 )
 from stablejax.files import read_json, write_json, write_text
 from stablejax.logs import logger
-from stablejax.md import INTEGRATORS, make_integrator, make_simulator
+from stablejax.md import FREE_SPACE_EDGES, INTEGRATORS, make_integrator, make_simulator
 from stablejax.potentials import factory, normalization
 from stablejax.potentials import io as model_io
 from stablejax.precision import PRECISIONS, current_precision, set_precision
@@ -221,6 +221,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         ("distributed", config.get("distributed", ""), sharding.DISTRIBUTED_MODES),
         ("data.split", d.split, ("random", "contiguous", "percent")),
         ("md.integrator", md.integrator, INTEGRATORS),
+        ("md.free_space_edges", md.get("free_space_edges", "all_pairs"), FREE_SPACE_EDGES),
         ("eval.integrator", config.eval.integrator, INTEGRATORS),
         ("stable.estimator", st.estimator, ("global", "local")),
         ("stable.local_sampling", st.local_sampling, ("all", "stratified")),
@@ -980,7 +981,7 @@ _IGNORED_FIELDS = (
     "compilation_cache",
 )
 # Fields added after workdirs were written: an absent one had this value.
-_ADDED_FIELD_DEFAULTS = {"precision": "float32"}
+_ADDED_FIELD_DEFAULTS = {"precision": "float32", "md.free_space_edges": "all_pairs"}
 # Among those, fields that only add evaluations of their own (eval_<...>/ folders).
 _EXTRA_EVALUATION_FIELDS = ("eval.transfer_temperatures_K", "eval.timestep_study_fs")
 

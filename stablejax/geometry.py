@@ -51,6 +51,7 @@ __all__ = [
     "wrap_positions",
     "wrap_positions_np",
     "cutoff_edges_np",
+    "cutoff_edges",
     "needs_image_edges",
     "image_reach",
     "shift_grid",
@@ -249,6 +250,37 @@ def cutoff_edges_np(positions: np.ndarray, cutoff: float, box=None) -> np.ndarra
     r2 = np.einsum("ijk,ijk->ij", d, d)
     i, j = np.nonzero((r2 < cutoff * cutoff) & ~np.eye(n, dtype=bool))
     return np.stack([i, j]).astype(np.int32)
+
+
+def cutoff_edges(positions: jax.Array, cutoff: float, capacity: int, box=None):
+    """Jittable twin of `cutoff_edges_np` with a static capacity (brute force, O(n^2)).
+
+    Meant for molecules in free space (the MD engine's free-space list,
+    `stablejax.md.neighbors.FreeLayout`): at a few dozen atoms the dense pair
+    test costs far less than one model evaluation. Large periodic systems use
+    jax-md cell lists instead.
+
+    Args:
+      positions: [n, 3] Å.
+      cutoff: list radius, Å.
+      capacity: number of edge slots (static).
+      box: [3] Å, [3, 3] Å cell (rows; minimum image, the cutoff must fit the
+        cell) or None (free space).
+
+    Returns:
+      (edges [2, capacity] int32 in row-major (i, j) order, padded with n;
+      count [] int32 of pairs found; count > capacity means the list
+      overflowed and is incomplete).
+    """
+    x = jnp.asarray(positions)
+    n = x.shape[0]
+    d = minimum_image(x[None, :, :] - x[:, None, :], box)
+    keep = (jnp.sum(d * d, axis=-1) < cutoff * cutoff) & ~jnp.eye(n, dtype=bool)
+    count = jnp.sum(keep, dtype=jnp.int32)
+    (flat,) = jnp.nonzero(keep.reshape(-1), size=capacity, fill_value=n * n)
+    edges = jnp.stack([flat // n, flat % n])  # the fill value n^2 gives (n, 0)
+    edges = jnp.where(flat[None] < n * n, edges, n)
+    return edges.astype(jnp.int32), count
 
 
 # ------------------------------------------------------------ edges with image shifts

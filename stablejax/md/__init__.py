@@ -4,9 +4,10 @@ from stablejax.md.factory import INTEGRATORS, make_integrator, make_simulator, p
 from stablejax.md.integrators import NVE, BerendsenNPT, Langevin, NoseHooverChain
 from stablejax.md.io import write_trajectory
 from stablejax.md.neighbors import NeighborState
-from stablejax.md.simulator import History, MDState, Simulator, Trajectory
+from stablejax.md.simulator import FREE_SPACE_EDGES, History, MDState, Simulator, Trajectory
 
 __all__ = [
+    "FREE_SPACE_EDGES",
     "INTEGRATORS",
     "make_integrator",
     "make_simulator",

@@ -68,7 +68,12 @@ def make_simulator(
     mesh=None,
 ) -> Simulator:
     """A replica-batched `md.Simulator` for `potential` from the experiment's `md` block
-    (`mesh`: a `stablejax.sharding` mesh to split the replicas over devices, or None)."""
+    (`mesh`: a `stablejax.sharding` mesh to split the replicas over devices, or None).
+
+    Free space (`box` None) uses `md_config.free_space_edges` ("all_pairs" when the
+    block has no such field, e.g. a config saved before it existed): "cutoff" gives the
+    Simulator lists of the pairs within `potential.cutoff` + `md_config.skin`."""
+    free_space_edges = md_config.get("free_space_edges", "all_pairs")
     if integrator is None:
         integrator = make_integrator(
             md_config.integrator,
@@ -84,8 +89,9 @@ def make_simulator(
         species=np.asarray(species),
         box=box,
         integrator=integrator,
-        cutoff=potential.cutoff if box is not None else None,
+        cutoff=potential.cutoff if box is not None or free_space_edges == "cutoff" else None,
         skin=md_config.skin,
+        free_space_edges=free_space_edges,
         chunk_steps=chunk_steps or md_config.chunk_steps,
         mesh=mesh,
     )

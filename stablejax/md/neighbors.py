@@ -1,4 +1,4 @@
-"""Replica-batched periodic neighbour lists on top of jax-md's Sparse lists.
+"""Replica-batched neighbour lists: periodic (jax-md Sparse lists, image shifts), free space.
 
 jax-md's ``partition.neighbor_list`` (Sparse format, fractional coordinates)
 builds the lists; its ``idx`` is exactly our ``edges`` [2, e] with padding n.
@@ -14,7 +14,8 @@ What we do differently, and why:
   Consequence: in periodic runs the edge *order* of a replica depends on when
   the batch rebuilt, so results are reproducible to floating-point summation
   order (not bitwise) when the batch composition changes; free-space runs
-  (fixed all-pairs edges) are bitwise independent of the other replicas.
+  (fixed all-pairs edges, or cutoff lists while their capacity stays, see
+  below) are bitwise independent of the other replicas.
 * Box changes (Berendsen NPT). The rebuild criterion covers isotropic box
   scaling: with s = L/L_ref, list radius r_l = cutoff + skin and d the largest
   displacement since the build (current box units), no pair inside the cutoff
@@ -51,6 +52,23 @@ What we do differently, and why:
   into the shift), so nothing is wrapped. Fixed cells only: the shift set is
   static (the Simulator refuses Berendsen NPT here).
 
+* Free space (molecules, ``FreeLayout``). With ``free_space_edges="cutoff"``
+  the Simulator replaces the dense all-pairs edges by a [2, e] list of the
+  pairs within cutoff + skin (``geometry.cutoff_edges``, brute force over all
+  pairs, row-major (i, j) order: a subsequence of ``all_pairs_edges``), with
+  the same ``NeighborState`` (Cartesian reference positions, box None), the
+  same rule (rebuild beyond a displacement of skin / 2), the same batched
+  build under one ``lax.cond`` on "any replica needs it", and the same
+  overflow handling (NEIGHBOR_LIST_OVERFLOW; grow and redo the chunk). One
+  difference: each replica takes the new list only when *it* needs one, so
+  its edges depend on its own trajectory alone and a free-space replica stays
+  bitwise independent of the other replicas (as with all-pairs edges) as long
+  as the capacity does not change (an overflow anywhere pads every list; the
+  padding length can change the summation order). The dense build costs far
+  less than a model evaluation at molecule sizes, so building whenever any
+  replica needs it is cheap. Results equal the all-pairs ones up to
+  summation order for models whose energy is zero beyond the cutoff.
+
 Positions handed to the energy function stay unwrapped (continuous); only the
 cell list sees wrapped fractional coordinates.
 """
@@ -82,8 +100,10 @@ class NeighborState:
       edges: [2, e] int32 directed edges, padding value n (jax-md Sparse idx),
         or [5, e] int32 edges with lattice shifts (``ImageLayout``; padding
         (n, n, 0, 0, 0)).
-      reference: [n, 3] fractional (unwrapped) positions at the last build.
-      reference_box: [3] Å box or [3, 3] Å cell at the last build.
+      reference: [n, 3] fractional (unwrapped) positions at the last build
+        (Cartesian Å in free space, ``FreeLayout``).
+      reference_box: [3] Å box or [3, 3] Å cell at the last build (None in
+        free space).
       error: [] uint8 jax-md PartitionErrorCode bits accumulated since the
         list was last (re)allocated; non-zero means the results are invalid.
     """
@@ -125,6 +145,39 @@ class ImageLayout:
 
 #: Spare edge capacity of a new image-shift list (as jax-md's capacity_multiplier).
 IMAGE_CAPACITY_MULTIPLIER = 1.25
+
+
+@pydataclasses.dataclass(frozen=True, eq=False)
+class FreeLayout:
+    """Static information of free-space cutoff lists (molecules, no box).
+
+    Attributes:
+      cutoff: interaction cutoff in Å.
+      skin: extra list radius in Å.
+    """
+
+    cutoff: float
+    skin: float
+
+
+#: Spare edge capacity of a new free-space list. Padded slots cost as much as
+#: edges in the model, and a molecule's pair count within the list radius
+#: fluctuates little (an overflow grows the list and redoes the chunk).
+FREE_CAPACITY_MULTIPLIER = 1.1
+
+
+def make_free_layout(cutoff: float, skin: float, positions):
+    """``FreeLayout`` and a suggested edge capacity for positions [R, n, 3] Å.
+
+    The capacity is ``FREE_CAPACITY_MULTIPLIER`` x the largest count of pairs
+    within cutoff + skin over the replicas (at most n (n - 1)).
+    """
+    positions = np.asarray(positions, dtype=np.float64)
+    n = positions.shape[1]
+    radius = float(cutoff) + float(skin)
+    count = max(geometry.cutoff_edges_np(x, radius).shape[1] for x in positions)
+    capacity = min(n * (n - 1), max(1, math.ceil(FREE_CAPACITY_MULTIPLIER * count)))
+    return FreeLayout(float(cutoff), float(skin)), capacity
 
 
 def uses_images(cutoff: float, skin: float, boxes) -> bool:
@@ -250,6 +303,10 @@ def build(layout: NeighborLayout, position, box, capacity: int) -> NeighborState
       capacity: number of edge slots e.
     """
     n = position.shape[0]
+    if isinstance(layout, FreeLayout):
+        edges, count = geometry.cutoff_edges(position, layout.cutoff + layout.skin, capacity)
+        error = jnp.where(count > capacity, jnp.uint8(_NEIGHBOR_OVERFLOW), jnp.uint8(0))
+        return NeighborState(edges=edges, reference=position, reference_box=None, error=error)
     u = geometry.to_fractional(position, box)
     if isinstance(layout, ImageLayout):
         edges, count = geometry.image_edges(
@@ -280,6 +337,9 @@ def build(layout: NeighborLayout, position, box, capacity: int) -> NeighborState
 
 def needs_rebuild(layout: NeighborLayout, nbr: NeighborState, position, box):
     """Whether a replica's list may miss a pair within the cutoff (scalar bool)."""
+    if isinstance(layout, FreeLayout):
+        displacement = jnp.max(jnp.linalg.norm(position - nbr.reference, axis=-1))
+        return 2.0 * displacement > layout.skin
     if geometry.is_cell(box):
         # Fixed cells in practice (no barostat for [3, 3]); the width ratio covers
         # isotropic scaling like the [3] path below.
@@ -301,7 +361,7 @@ def grow(layout: NeighborLayout, capacity: int, error_bits: int, positions, boxe
     """New (layout, capacity) after an overflow with the given OR-ed error bits."""
     if error_bits & _NEIGHBOR_OVERFLOW:
         capacity = min(max_edges(layout, n), max(capacity + n, math.ceil(1.5 * capacity)))
-    if isinstance(layout, ImageLayout):
+    if isinstance(layout, (ImageLayout, FreeLayout)):
         return layout, capacity
     cell_capacity = layout.cell_capacity
     if error_bits & _CELL_OVERFLOW and cell_capacity is not None:

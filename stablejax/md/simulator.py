@@ -36,6 +36,9 @@ EnergyFn = Callable[..., jax.Array]
 
 _MAX_REDOS = 20
 
+#: Edge modes of a free-space Simulator (``free_space_edges``).
+FREE_SPACE_EDGES = ("all_pairs", "cutoff")
+
 
 @dataclasses.dataclass
 class MDState:
@@ -55,7 +58,8 @@ class MDState:
         rows), or None in free space.
       virial: [R] eV, dU/ds of U(s R, s box) at s = 1 (Berendsen NPT), else None.
       chain: jax-md Nose-Hoover chain state ([R, chain_length] arrays), or None.
-      neighbors: periodic neighbour lists (``neighbors.NeighborState``), or None.
+      neighbors: neighbour lists (``neighbors.NeighborState``) of periodic runs
+        and of free-space cutoff lists (``free_space_edges="cutoff"``), else None.
       history: ring buffer of past states (``History``), or None.
     """
 
@@ -160,10 +164,10 @@ class Simulator:
       masses: [n] amu; default ``ase.data.atomic_masses[species]``.
       box: [3] Å orthorhombic periodic box, [3, 3] Å triclinic cell (lattice
         vectors as rows, ASE convention; not with ``BerendsenNPT``), or None for
-        free space (molecules, dense all-pairs edges).
+        free space (molecules; edges by ``free_space_edges``).
       integrator: ``NVE``, ``Langevin``, ``NoseHooverChain`` or ``BerendsenNPT``.
-      cutoff: interaction cutoff in Å; required for a periodic box; unused in
-        free space. When cutoff + skin is not below half the smallest
+      cutoff: interaction cutoff in Å; required for a periodic box and for
+        free-space cutoff lists. When cutoff + skin is not below half the smallest
         perpendicular width of the cell, the neighbour lists are [5, e] edges
         with integer image shifts (``neighbors.ImageLayout``; brute force,
         meant for small cells) and the energy function must accept them
@@ -171,13 +175,22 @@ class Simulator:
         minimum-image [2, e] edges. ``BerendsenNPT`` needs the cutoff at most
         half the smallest box side (no image shifts under a changing box).
       skin: neighbour-list skin in Å (list radius cutoff + skin).
+      free_space_edges: free space only. ``"all_pairs"``: fixed dense edges
+        [2, n (n - 1)]. ``"cutoff"``: [2, e] lists of the pairs within
+        cutoff + skin (``neighbors.FreeLayout``: brute-force build, rebuilt
+        past a displacement of skin / 2, overflow -> grow and redo the chunk);
+        the energy function must be zero beyond ``cutoff`` (then results equal
+        the all-pairs ones up to summation order). Each replica stays bitwise
+        independent of the others either way (cutoff lists: while the
+        capacity does not change).
       chunk_steps: steps per jitted chunk (rounded down to a multiple of
         ``record_every``, at least one frame).
       history_every: snapshot interval k (steps) of the rewind ring buffer, or
         None for no history.
       history_depth: number D of snapshots kept per replica; a replica can be
         rewound by up to about (D - 1) k steps.
-      neighbor_capacity: minimum number of edge slots per replica (periodic);
+      neighbor_capacity: minimum number of edge slots per replica (periodic or
+        free-space cutoff lists);
         by default sized from the initial positions and grown on overflow
         (each growth recompiles the chunk once).
       mesh: a ``stablejax.sharding.replica_mesh`` to split the replicas (state,
@@ -200,6 +213,7 @@ class Simulator:
         integrator=None,
         cutoff: float | None = None,
         skin: float = 1.0,
+        free_space_edges: str = "all_pairs",
         chunk_steps: int = 100,
         history_every: int | None = None,
         history_depth: int = 4,
@@ -236,6 +250,19 @@ class Simulator:
                 raise ValueError(f"skin must be >= 0, got {skin}")
         elif isinstance(integrator, _integrators.BerendsenNPT):
             raise ValueError("BerendsenNPT needs a periodic box")
+        if free_space_edges not in FREE_SPACE_EDGES:
+            raise ValueError(
+                f"free_space_edges must be one of {FREE_SPACE_EDGES}, got {free_space_edges!r}"
+            )
+        free_lists = box is None and free_space_edges == "cutoff"
+        if free_lists:
+            if cutoff is None or not cutoff > 0:
+                raise ValueError(
+                    'free_space_edges="cutoff" needs the interaction cutoff (Å) of the energy '
+                    f"function, got cutoff={cutoff}"
+                )
+            if skin < 0:
+                raise ValueError(f"skin must be >= 0, got {skin}")
         if chunk_steps < 1:
             raise ValueError(f"chunk_steps must be >= 1, got {chunk_steps}")
         if history_every is not None and (history_every < 1 or history_depth < 1):
@@ -258,7 +285,10 @@ class Simulator:
         self._capacity = 0 if neighbor_capacity is None else int(neighbor_capacity)
         self.mesh = mesh
         self._npt = isinstance(integrator, _integrators.BerendsenNPT)
-        self._free_edges = None if box is not None else all_pairs_edges(n)
+        self.free_space_edges = free_space_edges
+        # Neighbour lists in the state: periodic runs and free-space cutoff lists.
+        self._lists = box is not None or free_lists
+        self._free_edges = None if self._lists else all_pairs_edges(n)
         self._layout = None
         self._chunk_cache = {}
         self._init_jit = jax.jit(self._init_batched)
@@ -402,6 +432,8 @@ class Simulator:
             neighbors = self._allocate_neighbors(positions, boxes)
         elif box is not None:
             raise ValueError("box given to init() of a free-space Simulator")
+        elif self._lists:
+            neighbors = self._allocate_neighbors(positions, None)
         # Computed whole on every process (same key, same values), then split.
         positions, momentum, kT, rng, boxes, neighbors = _sharding.shard_replicas(
             (positions, momentum, kT, rng, boxes, neighbors), self.mesh
@@ -424,6 +456,29 @@ class Simulator:
 
     def _allocate_neighbors(self, positions, boxes):
         """Allocate lists for all replicas, growing capacity until nothing overflows."""
+        if boxes is None:  # free space: one static layout; capacity from these positions
+            layout, suggested = _neighbors.make_free_layout(
+                self.cutoff, self.skin, _sharding.to_host(positions)
+            )
+            if self._layout is None:  # later inits keep it (and the compiled chunks)
+                self._layout = layout
+            self._capacity = max(self._capacity, suggested)
+        else:
+            self._allocate_periodic_layout(positions, boxes)
+        capacity = min(max(self._capacity, 1), _neighbors.max_edges(self._layout, self.n_atoms))
+        for _ in range(_MAX_REDOS):
+            nbrs = self._build_jit(self._layout, capacity)(positions, boxes)
+            bits = int(np.bitwise_or.reduce(np.asarray(nbrs.error)))
+            if not bits:
+                self._capacity = capacity
+                return nbrs
+            self._layout, capacity = _neighbors.grow(
+                self._layout, capacity, bits, positions, boxes, self.n_atoms
+            )
+        raise RuntimeError("neighbour list allocation did not converge")
+
+    def _allocate_periodic_layout(self, positions, boxes):
+        """Choose (and keep, where static shapes allow) the periodic layout for ``boxes``."""
         layout = self._layout
         if self._npt:
             images = False  # the barostat changes the box: minimum image only
@@ -443,17 +498,6 @@ class Simulator:
                 layout = old  # same static shapes: keep the compiled chunks
             self._layout = layout
             self._capacity = max(self._capacity, suggested)
-        capacity = min(max(self._capacity, 1), _neighbors.max_edges(self._layout, self.n_atoms))
-        for _ in range(_MAX_REDOS):
-            nbrs = self._build_jit(self._layout, capacity)(positions, boxes)
-            bits = int(np.bitwise_or.reduce(np.asarray(nbrs.error)))
-            if not bits:
-                self._capacity = capacity
-                return nbrs
-            self._layout, capacity = _neighbors.grow(
-                self._layout, capacity, bits, positions, boxes, self.n_atoms
-            )
-        raise RuntimeError("neighbour list allocation did not converge")
 
     def _build_jit(self, layout, capacity):
         key = ("build", id(layout), capacity)
@@ -476,6 +520,7 @@ class Simulator:
 
     def _make_chunk(self, n_frames: int, record_every: int, record_velocities: bool, layout):
         periodic = self.periodic
+        lists = self._lists
         every = self.history_every
 
         def chunk(params, state):
@@ -488,7 +533,7 @@ class Simulator:
                 state, history = carry
                 active = state.active
                 new = jax.vmap(pre_)(state)
-                if periodic:
+                if lists:
                     need = active & jax.vmap(
                         lambda nb, r, b: _neighbors.needs_rebuild(layout, nb, r, b)
                     )(new.neighbors, new.position, new.box)
@@ -499,6 +544,11 @@ class Simulator:
                             new.position, new.box
                         )
                         built = built.set(error=built.error | nb.error)
+                        if not periodic:
+                            # Free space: only the replicas that need a list take it,
+                            # so each replica's edges follow its own trajectory alone
+                            # (bitwise independent of the others; the build is cheap).
+                            return _select(need, built, nb)
                         # Synchronised schedule: every active replica takes the new
                         # list, so the batch rebuilds about as often as one replica
                         # would (per-replica acceptance would rebuild ~R times more).
@@ -517,7 +567,7 @@ class Simulator:
                 # active replicas can have new lists, and a replica whose step is
                 # rejected is frozen for good (reset/rewind restore its list).
                 out = _select(accept, new.set(neighbors=None), state.set(neighbors=None))
-                if periodic:
+                if lists:
                     nb = new.neighbors
                     nb = nb.set(error=jnp.where(accept, nb.error, state.neighbors.error))
                     out = out.set(neighbors=nb)
@@ -630,7 +680,7 @@ class Simulator:
         for _ in range(_MAX_REDOS):
             fn = self._chunk_fn(n_frames, record_every, record_velocities)
             new, out = fn(params, state)
-            if not self.periodic:
+            if not self._lists:
                 return new, out
             bits = int(np.bitwise_or.reduce(_sharding.to_host(new.neighbors.error)))
             if not bits:
@@ -644,7 +694,7 @@ class Simulator:
                 state.neighbors.edges.shape[-1],
                 bits,
                 _sharding.to_host(state.position),
-                _sharding.to_host(state.box),
+                None if state.box is None else _sharding.to_host(state.box),
                 self.n_atoms,
             )
             self._capacity = max(self._capacity, capacity)
@@ -717,7 +767,7 @@ class Simulator:
         """
         mask = self._replica_mask(mask)
         stored = stored.set(history=None)
-        if self.periodic:
+        if self._lists:
             cap = max(state.neighbors.edges.shape[-1], stored.neighbors.edges.shape[-1])
             state = self._with_capacity(state, cap)
             stored = self._with_capacity(stored, cap)

@@ -40,29 +40,22 @@ import numpy as np
 
 from stablejax import md, units
 from stablejax.md import neighbors as md_neighbors
+from stablejax.potentials import pair
 from stablejax.potentials.base import all_pairs_edges, edge_vectors
 
 REPLICAS = (1, 8, 32, 128)
 
 
 def lj_energy_fn(cutoff, sigma=3.405, eps=0.0103):
-    """Shifted-force Lennard-Jones (argon) energy_fn (params unused beyond scale)."""
-
-    def v(r):
-        s6 = (sigma / r) ** 6
-        return 4.0 * eps * (s6 * s6 - s6)
-
-    def dv(r):
-        s6 = (sigma / r) ** 6
-        return 4.0 * eps * (-12.0 * s6 * s6 + 6.0 * s6) / r
+    """The library's Lennard-Jones (`stablejax.potentials.pair`, argon, shifted at the
+    cutoff) as an MD energy_fn; `params` is a scalar scale."""
+    config = pair.default_config("lennard_jones")
+    config.sigma, config.epsilon, config.cutoff = sigma, eps, cutoff
+    potential = pair.build(config)
+    lj_params = {"sigma": sigma, "epsilon": eps}
 
     def energy_fn(params, positions, edges, box):
-        d, mask = edge_vectors(positions, edges, box)
-        r2 = jnp.sum(d * d, axis=-1)
-        mask = mask & (r2 < cutoff**2)
-        r = jnp.sqrt(jnp.where(mask, r2, sigma**2))
-        e = v(r) - v(cutoff) - (r - cutoff) * dv(cutoff)
-        return params * 0.5 * jnp.sum(jnp.where(mask, e, 0.0))
+        return params * potential.energy(lj_params, None, positions, edges, box)
 
     return energy_fn
 

@@ -19,8 +19,10 @@ With `--seeds=0,1,2` (`run_seeds`) each seed gets such a workdir, `workdir/seed_
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import shutil
 import time
 
 import jax
@@ -28,10 +30,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from stablejax import geometry, observables, sharding, stability, units
+from stablejax import observables, sharding, stability, units
 from stablejax.data import load, sample_initial_conditions, split_dataset
 from stablejax.data import topology as topo
-from stablejax.estimator import neighbourhood_membership, reweight_observable
+from stablejax.estimator import reweight_observable
 from stablejax.evaluation import (
     EvalSettings,
     evaluate_model,
@@ -47,7 +49,7 @@ from stablejax.md import FREE_SPACE_EDGES, INTEGRATORS, make_integrator, make_si
 from stablejax.potentials import factory, normalization
 from stablejax.potentials import io as model_io
 from stablejax.precision import PRECISIONS, current_precision, set_precision
-from stablejax.training import qm
+from stablejax.training import qm, targets
 from stablejax.training.metrics import plot_training_curves
 from stablejax.training.stable import ObservableTarget, StableTrainer
 
@@ -65,13 +67,7 @@ def log(msg: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-OBSERVABLES = (
-    "distance_histogram",
-    "rdf",
-    "oh_bond_length",
-    "oh_bond_lengths",
-    "min_intermolecular_distance",
-)
+OBSERVABLES = tuple(targets.TARGETS)
 
 # The domain of every numeric field, in one table: (field, kind, low, high, unit/meaning).
 # kind 'int' needs an integer, 'num' any finite number; low/high are inclusive bounds
@@ -554,163 +550,11 @@ def evaluation_criteria(config, dataset, bonds, eq, mol, *, frame_ps, ref_rdfs=N
     return out
 
 
-def _oh_bonds_by_molecule(species, bonds, mol) -> np.ndarray:
-    """[n_molecules, 2] indices into the O-H bond list: each water's first and second O-H
-    bond, in the order of its hydrogens (O,H,H order gives the reference's bond order)."""
-    z = np.asarray(species)
-    zb = np.sort(z[bonds], axis=1)
-    mol = np.asarray(mol)
-    oh = bonds[(zb[:, 0] == 1) & (zb[:, 1] == 8) & (mol[bonds[:, 0]] == mol[bonds[:, 1]])]
-    if len(oh) == 0:
-        raise ValueError("the O-H bond-length observables need O-H bonds; the system has none")
-    hydrogen = np.where(z[oh[:, 0]] == 1, oh[:, 0], oh[:, 1])
-    molecule = np.asarray(mol)[oh[:, 0]]
-    slots = []
-    for m in np.unique(mol):
-        rows = np.flatnonzero(molecule == m)
-        rows = rows[np.argsort(hydrogen[rows])]
-        if len(rows) != 2:
-            raise ValueError(
-                f"molecule {m} has {len(rows)} O-H bonds; the per-bond observable needs water"
-            )
-        slots.append(rows)
-    return oh, np.asarray(slots)
-
-
-def _neighbourhoods_fn(config, mol):
-    """Per-frame neighbourhoods of the localized estimator: molecule m plus its
-    `stable.local_k_nearest` nearest molecules (static when k = 0)."""
-    k = int(config.stable.local_k_nearest)
-    n_mol = int(mol.max()) + 1
-    if k:
-
-        def neighbourhoods(x, frame_box):
-            # Minimum image in this frame's box; molecule centres are first atoms.
-            return neighbourhood_membership(x, mol, box=frame_box, k_nearest=k, num_molecules=n_mol)
-
-        return neighbourhoods
-    single = jnp.asarray(mol[None, :] == np.arange(n_mol)[:, None])
-    return lambda x, frame_box: single
-
-
-def _min_intermolecular_target(config, dataset, train, mol) -> ObservableTarget:
-    """Closest intermolecular atom pair (Å): of the frame (global) or among the
-    neighbourhood's molecules (local; needs stable.local_k_nearest >= 1). The reference is
-    the training frames' mean, computed with the same neighbourhoods."""
-    if mol is None or len(np.unique(mol)) < 2:
-        raise ValueError("observable 'min_intermolecular_distance' needs several molecules")
-    mol = np.asarray(mol)
-    box = dataset.box
-    pairs = stability.intermolecular_pairs(mol)
-    i, j = jnp.asarray(pairs[:, 0]), jnp.asarray(pairs[:, 1])
-
-    def pair_distances(x):
-        return geometry.pair_distances(x, i, j, box)
-
-    def fn(x):
-        return jnp.min(pair_distances(x)).reshape(1)
-
-    positions = jnp.asarray(train.positions)
-    if config.stable.estimator != "local":
-        ref = np.asarray(jax.jit(jax.vmap(fn))(positions)).mean(axis=0)
-        return ObservableTarget("min intermolecular distance", ref, observable_fn=fn)
-    if int(config.stable.local_k_nearest) < 1:
-        raise ValueError(
-            "config.stable.local_k_nearest: the local 'min_intermolecular_distance' "
-            "observable needs neighbourhoods of several molecules (>= 1)"
-        )
-
-    def local_fn(x, member_mask):
-        inside = member_mask[i] & member_mask[j]
-        return jnp.min(jnp.where(inside, pair_distances(x), jnp.inf)).reshape(1)
-
-    neighbourhoods = _neighbourhoods_fn(config, mol)
-    frame_box = None if box is None else jnp.asarray(box)
-
-    def per_frame(x):
-        members = neighbourhoods(x, frame_box)
-        return jax.vmap(local_fn, in_axes=(None, 0))(x, members)
-
-    ref = np.asarray(jax.jit(jax.vmap(per_frame))(positions)).mean(axis=(0, 1))
-    return ObservableTarget(
-        "min intermolecular distance",
-        ref,
-        local_observable_fn=local_fn,
-        neighbourhoods=neighbourhoods,
-    )
-
-
 def observable_target(config, dataset, train, bonds, mol) -> ObservableTarget:
-    """The training observable and its reference (the training frames' average).
-
-    Observables (`config.observable.name`):
-      distance_histogram: h(r) of all atom pairs (1/Å), global estimator.
-      rdf: the radial distribution function g(r), global estimator.
-      oh_bond_length: mean O-H bond length (Å) of the frame (global) or of the
-        neighbourhood's molecules (local).
-      oh_bond_lengths: the two O-H bond lengths (Å) of a water, [first, second] in
-        hydrogen order: per neighbourhood the mean over its molecules of each slot
-        (k = 0: exactly the molecule's two bonds, as in the reference code); globally the
-        mean over all molecules of each slot.
-    """
-    o = config.observable
-    box = dataset.box
-    if o.name == "distance_histogram":
-
-        def fn(x):
-            return observables.distance_histogram(x, r_max=o.r_max, dr=o.dr, sigma=o.sigma, box=box)
-
-        ref = np.asarray(jax.jit(jax.vmap(fn))(jnp.asarray(train.positions))).mean(axis=0)
-        return ObservableTarget("h(r)", ref, observable_fn=fn)
-    if o.name == "rdf":
-
-        def fn(x):
-            return observables.radial_distribution_function(
-                x, None, box, pair=None, r_max=o.r_max, dr=o.dr, sigma=o.sigma
-            )
-
-        ref = np.asarray(jax.jit(jax.vmap(fn))(jnp.asarray(train.positions))).mean(axis=0)
-        return ObservableTarget("g(r)", ref, observable_fn=fn)
-    if o.name == "min_intermolecular_distance":
-        return _min_intermolecular_target(config, dataset, train, mol)
-    if o.name not in ("oh_bond_length", "oh_bond_lengths"):
-        raise ValueError(f"config.observable.name: unknown {o.name!r}")
-    if mol is None:
-        raise ValueError(f"observable {o.name!r} needs the molecules of the system")
-    mol = np.asarray(mol)
-    oh, slots = _oh_bonds_by_molecule(dataset.species, bonds, mol)
-    per_bond = o.name == "oh_bond_lengths"
-    lengths = np.asarray(observables.bond_lengths(jnp.asarray(train.positions), oh, box))
-    if per_bond:
-        ref = lengths[:, slots].mean(axis=(0, 1))  # [2]: mean first and second bond
-        name = "O-H bond lengths"
-    else:
-        ref = np.asarray(lengths.mean()).reshape(1)
-        name = "O-H bond length"
-    slots_j = jnp.asarray(slots)
-    # A bond belongs to a neighbourhood when its oxygen does (the molecule of each slot
-    # row of `slots` is that row's molecule).
-    z = np.asarray(dataset.species)
-    bond_atom = jnp.asarray(np.where(z[oh[:, 0]] == 8, oh[:, 0], oh[:, 1]))
-
-    if config.stable.estimator != "local":
-
-        def fn(x):
-            b = observables.bond_lengths(x, oh, box)
-            return b[slots_j].mean(axis=0) if per_bond else jnp.mean(b).reshape(1)
-
-        return ObservableTarget(name, ref, observable_fn=fn)
-
-    def local_fn(x, member_mask):
-        b = observables.bond_lengths(x, oh, box)
-        if per_bond:
-            w = member_mask[bond_atom[slots_j[:, 0]]].astype(b.dtype)  # [n_mol]
-            return jnp.sum(w[:, None] * b[slots_j], axis=0) / jnp.maximum(jnp.sum(w), 1.0)
-        w = member_mask[bond_atom].astype(b.dtype)
-        return (jnp.sum(w * b) / jnp.maximum(jnp.sum(w), 1.0)).reshape(1)
-
-    neighbourhoods = _neighbourhoods_fn(config, mol)
-    return ObservableTarget(name, ref, local_observable_fn=local_fn, neighbourhoods=neighbourhoods)
+    """The training observable and its reference (the training frames' average); the
+    observables and their builders are `stablejax.training.targets.TARGETS`."""
+    system = targets.System(species=dataset.species, box=dataset.box, bonds=bonds, molecules=mol)
+    return targets.make_target(config, system, train.positions)
 
 
 def stable_train(config, potential, params, dataset, train, target, criterion, workdir):
@@ -824,6 +668,24 @@ def evaluate(
     n_test = min(e.n_test_frames, test.n_frames) if test.energies is not None else 0
     results, qm_metrics = {}, {}
     for name, params in models.items():
+        twin = _same_dynamics(params, {k: models[k] for k in results})
+        if twin is not None:
+            # Same forces, initial states and key: the MD would repeat the twin's
+            # trajectories exactly (e.g. StABlE never started a learning phase). Energy
+            # errors are still this model's own (its energy zero may differ).
+            log(f"{name}{suffix}: same forces as {twin}; its MD evaluation is reused")
+            results[name] = copy.deepcopy(results[twin])
+            if n_test:
+                qm_metrics[name] = qm.evaluate(
+                    potential, params, test.subset(np.arange(n_test)), batch_size=8
+                )
+            twin_traj = os.path.join(workdir, "eval" + suffix, twin, "traj")
+            if config.eval.trajectory_frames and os.path.isdir(twin_traj):
+                shutil.copytree(
+                    twin_traj, os.path.join(workdir, "eval" + suffix, name, "traj"),
+                    dirs_exist_ok=True,
+                )  # fmt: skip
+            continue
         log(
             f"evaluating {name}{suffix}: {e.n_replicas} replicas x {e.time_ps} ps at {temperature} K"
         )
@@ -886,6 +748,30 @@ def evaluate(
     if _tensorboard_on(config):
         _tensorboard_evaluation(os.path.join(out_dir, "tensorboard"), final)
     return final, out_dir
+
+
+def _same_dynamics(params, evaluated: dict) -> str | None:
+    """The name of an already evaluated model whose parameters equal `params` bitwise,
+    apart from the per-species energy shift (a constant energy per composition: no force
+    changes), or None."""
+
+    def without_shift(p):
+        return {k: v for k, v in p.items() if k != "energy_shift"} if isinstance(p, dict) else p
+
+    params = without_shift(params)
+    leaves = [np.asarray(x) for x in jax.tree.leaves(params)]
+    structure = jax.tree.structure(params)
+    for name, other in evaluated.items():
+        other = without_shift(other)
+        if jax.tree.structure(other) != structure:
+            continue
+        others = [np.asarray(x) for x in jax.tree.leaves(other)]
+        if all(
+            a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a, b)
+            for a, b in zip(leaves, others, strict=True)
+        ):
+            return name
+    return None
 
 
 def _tensorboard_evaluation(logdir: str, final: dict) -> None:

@@ -297,21 +297,18 @@ def test_trajectory_writers_keep_the_cell(tmp_path):
 def test_min_intermolecular_observable_uses_the_cell_minimum_image():
     """The training observable 'min_intermolecular_distance' in a skewed cell equals a
     brute force over the 27 nearest images (a private orthorhombic round was wrong here)."""
-    import types
 
     import ml_collections
 
-    from experiments import pipeline
+    from stablejax.training import targets
 
     rng = np.random.default_rng(3)
     cell = np.array([[6.0, 0.0, 0.0], [4.5, 5.0, 0.0], [1.0, 2.0, 6.5]])
     mol = np.array([0, 0, 1, 1, 2, 2])
     frames = rng.uniform(0, 1, (4, 6, 3)) @ cell
     config = ml_collections.ConfigDict({"stable": {"estimator": "global", "local_k_nearest": 0}})
-    dataset = types.SimpleNamespace(box=cell)
-    target = pipeline._min_intermolecular_target(
-        config, dataset, types.SimpleNamespace(positions=frames), mol
-    )
+    system = targets.System(species=np.ones(6, int), box=cell, molecules=mol)
+    target = targets.min_intermolecular_target(config, system, frames)
     shifts = np.array(np.meshgrid(*[[-1, 0, 1]] * 3, indexing="ij")).reshape(3, -1).T @ cell
     expected = []
     for x in frames:

@@ -198,3 +198,16 @@ def test_command_line_keeps_library_logs_out_of_the_console(tmp_path):
     # The default precision is float32 (no JAX_ENABLE_X64 in this subprocess's env).
     _, params = model_io.load_model(tmp_path / "run" / "models" / "stable")
     assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype("float32")}
+
+
+def test_same_dynamics_ignores_only_the_energy_shift():
+    import numpy as np
+
+    from experiments.pipeline import _same_dynamics
+
+    base = {"energy_shift": np.array([1.0, 2.0]), "w": {"a": np.arange(3.0)}}
+    shifted = {"energy_shift": np.array([1.0, 2.5]), "w": {"a": np.arange(3.0)}}
+    changed = {"energy_shift": np.array([1.0, 2.0]), "w": {"a": np.arange(3.0) + 1e-7}}
+    assert _same_dynamics(shifted, {"baseline": base}) == "baseline"
+    assert _same_dynamics(changed, {"baseline": base}) is None
+    assert _same_dynamics(base, {}) is None

@@ -441,3 +441,28 @@ def test_refit_energy_shift_removes_constant_offsets_and_keeps_forces():
         qm.refit_energy_shift(
             potential, params, Dataset(species=np.array([1, 1]), positions=np.zeros((1, 2, 3)))
         )
+
+
+def test_warmup_schedule_is_linear_from_warmup_factor_and_applied_by_the_step(setup):
+    import ml_collections
+
+    cfg = ml_collections.ConfigDict({"lr": 1e-2, "warmup_steps": 10, "warmup_factor": 0.2})
+    schedule = qm.learning_rate_schedule(cfg)
+    for k in (0, 3, 9, 10, 50):
+        expected = 1e-2 * (0.2 + 0.8 * min(k, 10) / 10)
+        assert float(schedule(k)) == pytest.approx(expected, rel=1e-6)
+    # One Adam step (all frames in one batch): each parameter with a gradient moves by
+    # ~ the step's rate (Adam's first update is lr * g / |g|), i.e. warmup_factor * lr.
+    potential, params, train, val = setup
+    trained, history = qm.train_qm(
+        potential, params, train, val,
+        config={"epochs": 1, "batch_size": train.n_frames, "lr": 1e-2, "warmup_steps": 10,
+                "warmup_factor": 0.2, "patience": 0, "progress": False},
+    )  # fmt: skip
+    moved = np.concatenate(
+        [np.abs(np.ravel(a - b)) for a, b in zip(jax.tree.leaves(trained),
+                                                   jax.tree.leaves(params), strict=True)]
+    )  # fmt: skip
+    moved = moved[moved > 0]
+    np.testing.assert_allclose(np.max(moved), 2e-3, rtol=1e-3)
+    assert history[0]["lr"] == pytest.approx(2e-3)

@@ -580,11 +580,20 @@ def _float_dtype(params):
 # ---------------------------------------------------------------------------------------------
 
 
+def learning_rate_schedule(cfg) -> optax.Schedule:
+    """The learning rate by optimizer step before the plateau factor: a linear warm-up
+    from `warmup_factor * lr` to `lr` over `warmup_steps` steps (MDsim's), then `lr`."""
+    if cfg.warmup_steps <= 0:
+        return optax.constant_schedule(cfg.lr)
+    return optax.linear_schedule(cfg.warmup_factor * cfg.lr, cfg.lr, int(cfg.warmup_steps))
+
+
 def warmup_lr(step: int, *, lr: float, warmup_steps: int, warmup_factor: float) -> float:
-    """Learning rate at optimizer step `step` before the plateau factor: linear warm-up."""
-    if warmup_steps <= 0 or step >= warmup_steps:
-        return lr
-    return lr * (warmup_factor + (1.0 - warmup_factor) * step / warmup_steps)
+    """The warm-up schedule's learning rate at optimizer step `step` (host-side float)."""
+    cfg = ml_collections.ConfigDict(
+        {"lr": lr, "warmup_steps": warmup_steps, "warmup_factor": warmup_factor}
+    )
+    return float(learning_rate_schedule(cfg)(step))
 
 
 def _ema_decay_at(decay: float, step):
@@ -603,10 +612,11 @@ def _make_train_step(potential: Potential, cfg, optimizer):
     use_ema = cfg.ema_decay > 0
 
     @jax.jit
-    def train_step(params, opt_state, ema_params, frames, idx, weight, lr, step):
+    def train_step(params, opt_state, ema_params, frames, idx, weight, scale, step):
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, frames, idx, weight)
+        # Adam with the warm-up schedule (optax), times the plateau rule's scale.
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        updates = jax.tree.map(lambda u: (-lr * u).astype(u.dtype), updates)
+        updates = jax.tree.map(lambda u: (scale * u).astype(u.dtype), updates)
         params = optax.apply_updates(params, updates)
         if use_ema:
             d = _ema_decay_at(cfg.ema_decay, step)
@@ -619,8 +629,10 @@ def _make_train_step(potential: Potential, cfg, optimizer):
 
 
 def _optimizers(cfg):
-    """Adam's moment transform (the lr is applied in the step) and the plateau scaler."""
-    optimizer = optax.scale_by_adam()
+    """Adam with the warm-up schedule, and the plateau rule whose scale multiplies it."""
+    optimizer = optax.chain(
+        optax.scale_by_adam(), optax.scale_by_learning_rate(learning_rate_schedule(cfg))
+    )
     if cfg.grad_clip > 0:
         optimizer = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optimizer)
     plateau = optax.contrib.reduce_on_plateau(
@@ -781,7 +793,17 @@ def train_qm(
     train_step = _cached_jit(
         "train_step",
         potential,
-        (cfg.energy_weight, cfg.force_weight, cfg.per_atom_energy, cfg.ema_decay, cfg.grad_clip),
+        # Everything the compiled step closes over (the optimizer holds the schedule).
+        (
+            cfg.energy_weight,
+            cfg.force_weight,
+            cfg.per_atom_energy,
+            cfg.ema_decay,
+            cfg.grad_clip,
+            cfg.lr,
+            cfg.warmup_steps,
+            cfg.warmup_factor,
+        ),
         lambda: _make_train_step(potential, cfg, optimizer),
     )
     state = _initial_state(params, optimizer, plateau)
@@ -880,13 +902,12 @@ def qm_epoch(
     params, opt_state, ema_params = state.params, state.opt_state, state.ema_params
     step = int(state.step)
     per_batch = []  # stays on the device until the epoch ends (no per-step sync)
+    schedule = learning_rate_schedule(cfg)
     lr = cfg.lr * scale
     for idx, weight in zip(idx_batches, w_batches, strict=True):
-        lr = scale * warmup_lr(
-            step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, warmup_factor=cfg.warmup_factor
-        )
+        lr = scale * float(schedule(step))  # reported; the step uses optax's own count
         params, opt_state, ema_params, loss, aux = train_step(
-            params, opt_state, ema_params, train_frames, idx, weight, lr, step
+            params, opt_state, ema_params, train_frames, idx, weight, scale, step
         )
         per_batch.append((loss, aux.energy_mse, aux.force_mse))
         step += 1

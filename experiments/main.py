@@ -56,7 +56,12 @@ def main(system: str) -> None:
 
         cache_dir = config.get("compilation_cache", compile_cache.DEFAULT_DIR)
         if cache_dir:
-            compile_cache.enable(cache_dir)  # before the first compilation
+            try:
+                compile_cache.enable(cache_dir)  # before the first compilation
+            except OSError as err:
+                raise app.UsageError(
+                    f"--config.compilation_cache={cache_dir!r}: cannot use it as a folder ({err})"
+                ) from err
         meter = compile_cache.CompileMeter()
         from experiments import pipeline
         from stablejax.logs import console_and_file, logger

@@ -200,6 +200,7 @@ def test_resume_in_the_middle_of_a_learning_phase_is_bitwise(tmp_path):
         ("--config.data.path=/no/such/file.npz", "data.path"),
         ("--config.md.integrator=verlet", "md.integrator"),
         ("--config.md.free_space_edges=some", "md.free_space_edges"),
+        ("--config.compilation_cache=/dev/null/xla", "config.compilation_cache"),
         ("--config.stability.eval_guard=nonsense", "stability.eval_guard"),
         ("--config.stability.eval_guard_threshold=-1", "stability.eval_guard_threshold"),
         ("--config.data.seed=-2", "data.seed"),

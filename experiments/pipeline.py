@@ -362,11 +362,9 @@ def split(config, dataset):
     return split_dataset(dataset, test=test, mode=mode, seed=config.seed, **kw)
 
 
-def system_topology(dataset, train):
-    bonds = topo.find_bonds(dataset.species, train.positions[0], box=dataset.box)
-    eq = topo.equilibrium_bond_lengths(train.positions, bonds, box=dataset.box)
-    mol = topo.molecules(dataset.n_atoms, bonds)
-    return bonds, eq, mol
+def system_topology(dataset, train) -> topo.System:
+    """The `System` (bonds, equilibrium lengths, molecules) of the training frames."""
+    return topo.system_from_frames(dataset.species, train.positions, box=dataset.box)
 
 
 def build_model(config, dataset, train):
@@ -509,35 +507,35 @@ def refit_shift(config, potential, params, train, label):
 CRITERIA = stability.CRITERIA
 
 
-def make_criterion(name, threshold, dataset, bonds, eq, mol, *, ref_rdfs=None):
-    """The `stability` criterion `name` with `threshold` for this system
+def make_criterion(name, threshold, system: topo.System, *, ref_rdfs=None):
+    """The `stability` criterion `name` with `threshold` for `system`
     (`stability.make_criterion`; RDF-MAE settings `RDF_EVAL`)."""
     if name not in CRITERIA:
         raise ValueError(f"config.stability.criterion: unknown {name!r}")
-    if name == "min_nonbonded_distance" and bonds is None:
+    if name == "min_nonbonded_distance" and system.bonds is None:
         raise ValueError("config.stability: 'min_nonbonded_distance' needs a bonded system")
     return stability.make_criterion(
         name,
         threshold,
-        species=dataset.species,
-        box=dataset.box,
-        bonds=bonds,
-        equilibrium_lengths=eq,
-        molecule_index=mol,
+        species=system.species,
+        box=system.box,
+        bonds=system.bonds,
+        equilibrium_lengths=system.equilibrium_lengths,
+        molecule_index=system.molecules,
         reference_rdfs=ref_rdfs,
         rdf_settings=RDF_EVAL,
     )
 
 
-def stability_criterion(config, dataset, bonds, eq, mol, *, evaluation=False, ref_rdfs=None):
+def stability_criterion(config, system, *, evaluation=False, ref_rdfs=None):
     """The training criterion, or (evaluation=True) the headline evaluation criterion."""
     s = config.stability
     name = s.eval_criterion if evaluation else s.criterion
     threshold = s.eval_threshold if evaluation else s.threshold
-    return make_criterion(name, threshold, dataset, bonds, eq, mol, ref_rdfs=ref_rdfs)
+    return make_criterion(name, threshold, system, ref_rdfs=ref_rdfs)
 
 
-def evaluation_criteria(config, dataset, bonds, eq, mol, *, frame_ps, ref_rdfs=None):
+def evaluation_criteria(config, system, *, frame_ps, ref_rdfs=None):
     """[EvalCriterion]: the headline evaluation criterion and the guard (if any)."""
     s = config.stability
     specs = [(s.eval_criterion, s.eval_threshold)]
@@ -545,15 +543,14 @@ def evaluation_criteria(config, dataset, bonds, eq, mol, *, frame_ps, ref_rdfs=N
         specs.append((s.eval_guard, s.eval_guard_threshold))
     out = []
     for name, threshold in specs:
-        crit = make_criterion(name, threshold, dataset, bonds, eq, mol, ref_rdfs=ref_rdfs)
+        crit = make_criterion(name, threshold, system, ref_rdfs=ref_rdfs)
         out.append(evaluation_criterion(crit, frame_ps=frame_ps, rdf_window_ps=s.rdf_window_ps))
     return out
 
 
-def observable_target(config, dataset, train, bonds, mol) -> ObservableTarget:
+def observable_target(config, system, train) -> ObservableTarget:
     """The training observable and its reference (the training frames' average); the
     observables and their builders are `stablejax.training.targets.TARGETS`."""
-    system = targets.System(species=dataset.species, box=dataset.box, bonds=bonds, molecules=mol)
     return targets.make_target(config, system, train.positions)
 
 
@@ -602,9 +599,7 @@ def evaluate(
     models,
     dataset,
     test,
-    bonds,
-    eq,
-    mol,
+    system,
     workdir,
     *,
     suffix="",
@@ -613,7 +608,8 @@ def evaluate(
     reference=None,
     extra=None,
 ):
-    """Evaluates every model in `models` on the same held-out initial states.
+    """Evaluates every model in `models` on the same held-out initial states of
+    `test` (else `dataset`); `system` (`stablejax.data.System`) defines the criteria.
 
     `temperature_K` / `dt_fs` override the evaluation temperature and time step;
     `reference` replaces the reference observables (e.g. reweighted to another
@@ -639,9 +635,7 @@ def evaluate(
     if "rdf_mae" in (config.stability.eval_criterion, config.stability.eval_guard):
         ref_rdfs = reference_rdfs(dataset.positions, dataset.species, box, rdf_settings=RDF_EVAL)
     frame_ps = e.record_every * dt / 1000.0
-    criteria = evaluation_criteria(
-        config, dataset, bonds, eq, mol, frame_ps=frame_ps, ref_rdfs=ref_rdfs
-    )
+    criteria = evaluation_criteria(config, system, frame_ps=frame_ps, ref_rdfs=ref_rdfs)
     settings = EvalSettings(
         time_ps=e.time_ps,
         dt_fs=dt,
@@ -813,7 +807,7 @@ def reweighted_reference(config, dataset, temperature_K):
     return {k: np.asarray(v) for k, v in ref.items()}, float(ess), float(T0)
 
 
-def extra_evaluations(config, potential, models, dataset, test, bonds, eq, mol, workdir):
+def extra_evaluations(config, potential, models, dataset, test, system, workdir):
     """Temperature transfer and time-step study (config.eval.transfer_temperatures_K,
     config.eval.timestep_study_fs); each writes its own eval_<...>/ folder."""
     results = {}
@@ -821,7 +815,7 @@ def extra_evaluations(config, potential, models, dataset, test, bonds, eq, mol, 
         ref, ess, T0 = reweighted_reference(config, dataset, float(T))
         log(f"temperature transfer to {T} K: reference reweighted from {T0} K, ESS {ess:.1f}")
         final, _ = evaluate(
-            config, potential, models, dataset, test, bonds, eq, mol, workdir,
+            config, potential, models, dataset, test, system, workdir,
             suffix=f"_T{float(T):g}K", temperature_K=float(T), reference=ref,
             extra={"reference_reweighted_from_K": T0, "reference_ess": ess,
                    "n_reference_frames": dataset.n_frames},
@@ -829,7 +823,7 @@ def extra_evaluations(config, potential, models, dataset, test, bonds, eq, mol, 
         results[f"T{float(T):g}K"] = final
     for dt in config.eval.timestep_study_fs:
         final, _ = evaluate(
-            config, potential, models, dataset, test, bonds, eq, mol, workdir,
+            config, potential, models, dataset, test, system, workdir,
             suffix=f"_dt{float(dt):g}fs", dt_fs=float(dt),
         )  # fmt: skip
         results[f"dt{float(dt):g}fs"] = final
@@ -961,7 +955,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         f"data: {dataset.n_frames} frames of {dataset.n_atoms} atoms "
         f"(train {train.n_frames}, val {val.n_frames}, test {test.n_frames})"
     )
-    bonds, eq, mol = system_topology(dataset, train)
+    system = system_topology(dataset, train)
     potential, params = build_model(config, dataset, train)
 
     models_dir = os.path.join(workdir, "models")
@@ -975,8 +969,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         model_io.save_model(base_path, config.model, baseline)
 
     stable_path = os.path.join(models_dir, "stable")
-    criterion = stability_criterion(config, dataset, bonds, eq, mol)
-    target = observable_target(config, dataset, train, bonds, mol)
+    criterion = stability_criterion(config, system)
+    target = observable_target(config, system, train)
     if os.path.exists(stable_path):
         _, stable_params = model_io.load_model(stable_path)
         log(f"StABlE model loaded from {stable_path}")
@@ -1000,8 +994,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         log(f"evaluation already done: {done_path}")
         final = read_json(done_path)
     else:
-        final, out_dir = evaluate(config, potential, models, dataset, test, bonds, eq, mol, workdir)
-    extra_evaluations(config, potential, models, dataset, test, bonds, eq, mol, workdir)
+        final, out_dir = evaluate(config, potential, models, dataset, test, system, workdir)
+    extra_evaluations(config, potential, models, dataset, test, system, workdir)
     log(f"done in {time.time() - t0:.0f} s")
     for name in models:
         m = final[name]
@@ -1313,13 +1307,14 @@ def run_lj(config, workdir) -> dict:
     dataset = lj_reference(config, workdir)
     with open(os.path.join(workdir, "data.json"), "w") as f:
         json.dump({"source": dataset.source, "n_frames": dataset.n_frames}, f, indent=2)
-    mol = np.arange(dataset.n_atoms)
+    # Every LJ atom is its own molecule; no bonds.
+    system = topo.System(dataset.species, dataset.box, molecules=np.arange(dataset.n_atoms))
     potential = factory.build(config.model)
     baseline = potential.init(
         jax.random.PRNGKey(config.seed), dataset.species, dataset.positions[0], dataset.box
     )
-    criterion = stability_criterion(config, dataset, None, None, mol)
-    target = observable_target(config, dataset, dataset, None, mol)
+    criterion = stability_criterion(config, system)
+    target = observable_target(config, system, dataset)
     models_dir = os.path.join(workdir, "models")
     stable_path = os.path.join(models_dir, "stable")
     if os.path.exists(stable_path):
@@ -1336,9 +1331,7 @@ def run_lj(config, workdir) -> dict:
         {"prior only (baseline)": baseline, "stable": stable_params},
         dataset,
         empty,
-        None,
-        None,
-        mol,
+        system,
         workdir,
     )
     for pair, t in final.get("paired_tests", {}).items():

@@ -162,7 +162,7 @@ def test_collapsed_water_is_unstable_under_the_water_evaluation_criteria():
 
     dataset, x = _water_dataset()
     config = water_config.get_config("quick")
-    bonds, eq, mol = pipeline.system_topology(dataset, dataset)
+    system = pipeline.system_topology(dataset, dataset)
     ref_rdfs = {
         p: np.asarray(
             observables.radial_distribution_function(
@@ -174,9 +174,7 @@ def test_collapsed_water_is_unstable_under_the_water_evaluation_criteria():
     }  # fmt: skip
     record_every, dt_fs = 20, 1.0
     frame_ps = record_every * dt_fs / 1000
-    criteria = pipeline.evaluation_criteria(
-        config, dataset, bonds, eq, mol, frame_ps=frame_ps, ref_rdfs=ref_rdfs
-    )
+    criteria = pipeline.evaluation_criteria(config, system, frame_ps=frame_ps, ref_rdfs=ref_rdfs)
     names = [c.name for c in criteria]
     assert names == ["rdf_mae", "min_intermolecular_distance"]
     # Replica 1: from frame 10 on, molecule 1 sits on molecule 0 (O-O 1.0 Å).
@@ -185,7 +183,7 @@ def test_collapsed_water_is_unstable_under_the_water_evaluation_criteria():
     traj = x[None, None] + 0.05 * rng.normal(size=(R, T) + x.shape)
     shift = (x[0] + [1.0, 0, 0]) - x[3]
     traj[1, 10:, 3:6] += shift
-    assert len(topo.find_bonds(dataset.species, traj[1, 12], box=dataset.box)) > len(bonds)
+    assert len(topo.find_bonds(dataset.species, traj[1, 12], box=dataset.box)) > len(system.bonds)
     settings = EvalSettings(
         time_ps=T * frame_ps, dt_fs=dt_fs, temperature_K=300.0, record_every=record_every,
         vacf_window=0, segment_frames=7,
@@ -468,7 +466,7 @@ def test_pipeline_evaluate_keeps_a_given_reference(tmp_path, monkeypatch):
     config = _test_study(tmp_path)
     dataset = pipeline.load_data(config, str(tmp_path))
     train, _, test = pipeline.split(config, dataset)
-    bonds, eq, mol = pipeline.system_topology(dataset, train)
+    system = pipeline.system_topology(dataset, train)
     potential, params = pipeline.build_model(config, dataset, train)
     seen = {}
 
@@ -483,10 +481,10 @@ def test_pipeline_evaluate_keeps_a_given_reference(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "write_report", capture)
     given = {"h(r)": np.full(3, 7.0)}
     with pytest.raises(Stop):
-        pipeline.evaluate(config, potential, {"m": params}, dataset, test, bonds, eq, mol,
+        pipeline.evaluate(config, potential, {"m": params}, dataset, test, system,
                           str(tmp_path), reference=given)  # fmt: skip
     assert seen["reference"] is given
     with pytest.raises(Stop):
-        pipeline.evaluate(config, potential, {"m": params}, dataset, test, bonds, eq, mol,
+        pipeline.evaluate(config, potential, {"m": params}, dataset, test, system,
                           str(tmp_path))  # fmt: skip
     assert seen["reference"] is not given and "h(r)" in seen["reference"]

@@ -24,7 +24,7 @@ from experiments.configs import aspirin as aspirin_config
 from experiments.configs import tetrapeptide as tetrapeptide_config
 from experiments.configs import water as water_config
 from stablejax import observables, units
-from stablejax.data import Dataset
+from stablejax.data import Dataset, System
 from stablejax.estimator import boltzmann_grad_local, stratified_selection
 from stablejax.potentials import factory
 from stablejax.potentials.base import all_pairs_edges
@@ -339,7 +339,7 @@ def _water_target(k, frames, species, box, sampling="all"):
         box=box,
         source="synthetic",
     )
-    return pipeline.observable_target(c, data, data, bonds, mol), mol
+    return pipeline.observable_target(c, System(species, box, bonds, molecules=mol), data), mol
 
 
 @pytest.mark.parametrize("k", [0, 2])
@@ -576,7 +576,7 @@ def test_min_intermolecular_distance_observable_matches_brute_force():
     bonds = np.asarray([(3 * m, 3 * m + h) for m in range(6) for h in (1, 2)])
     data = Dataset(species=species, positions=frames, energies=np.zeros(2),
                    forces=np.zeros_like(frames), box=box, source="synthetic")  # fmt: skip
-    target = pipeline.observable_target(c, data, data, bonds, mol)
+    target = pipeline.observable_target(c, System(species, box, bonds, molecules=mol), data)
     values = []
     for x in frames:
         members = np.asarray(target.neighbourhoods(jnp.asarray(x), jnp.asarray(box)))
@@ -589,13 +589,13 @@ def test_min_intermolecular_distance_observable_matches_brute_force():
     np.testing.assert_allclose(target.reference, [np.mean(values)], rtol=1e-6)
     with c.unlocked():
         c.stable.estimator = "global"
-    glob = pipeline.observable_target(c, data, data, bonds, mol)
+    glob = pipeline.observable_target(c, System(species, box, bonds, molecules=mol), data)
     whole = [_brute_force_min_intermolecular(x, np.ones(18, bool), box) for x in frames]
     np.testing.assert_allclose(glob.reference, [np.mean(whole)], rtol=1e-6)
     with c.unlocked():
         c.stable.estimator, c.stable.local_k_nearest = "local", 0
     with pytest.raises(ValueError, match="local_k_nearest"):
-        pipeline.observable_target(c, data, data, bonds, mol)
+        pipeline.observable_target(c, System(species, box, bonds, molecules=mol), data)
 
 
 def test_learning_step_compiles_once_across_steps():

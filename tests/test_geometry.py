@@ -300,6 +300,7 @@ def test_min_intermolecular_observable_uses_the_cell_minimum_image():
 
     import ml_collections
 
+    from stablejax.data import System
     from stablejax.training import targets
 
     rng = np.random.default_rng(3)
@@ -307,7 +308,7 @@ def test_min_intermolecular_observable_uses_the_cell_minimum_image():
     mol = np.array([0, 0, 1, 1, 2, 2])
     frames = rng.uniform(0, 1, (4, 6, 3)) @ cell
     config = ml_collections.ConfigDict({"stable": {"estimator": "global", "local_k_nearest": 0}})
-    system = targets.System(species=np.ones(6, int), box=cell, molecules=mol)
+    system = System(species=np.ones(6, int), box=cell, molecules=mol)
     target = targets.min_intermolecular_target(config, system, frames)
     shifts = np.array(np.meshgrid(*[[-1, 0, 1]] * 3, indexing="ij")).reshape(3, -1).T @ cell
     expected = []

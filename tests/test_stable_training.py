@@ -73,7 +73,9 @@ def make_trainer(config, dataset, workdir, mesh=None):
     bonds = topo.find_bonds(dataset.species, dataset.positions[0])
     eq = topo.equilibrium_bond_lengths(dataset.positions, bonds)
     criterion = stability.bond_length_criterion(bonds, eq, threshold=config.stability.threshold)
-    target = pipeline.observable_target(config, dataset, dataset, bonds, None)
+    target = pipeline.observable_target(
+        config, topo.System(dataset.species, dataset.box, bonds), dataset
+    )
     return StableTrainer(
         potential=potential,
         params=params,

@@ -89,3 +89,24 @@ def test_molecules_labels_follow_atom_order():
     np.testing.assert_array_equal(topology.molecules(6, bonds), [0, 1, 2, 3, 1, 2])
     with pytest.raises(ValueError, match="bond indices"):
         topology.molecules(3, np.array([[0, 3]]))
+
+
+def test_system_from_frames_water_box_across_the_boundary():
+    """`system_from_frames`: bonds of the first frame (across the periodic boundary), their
+    mean length over all frames, molecules k // 3, and the species and box passed in."""
+    rng = np.random.default_rng(5)
+    x0, z, box = water_box(rng)
+    x1 = x0.copy()
+    x1[1] = np.mod(x0[1] + 0.1 * (x0[1] - x0[0]) / np.linalg.norm(x0[1] - x0[0]), box)
+    system = topology.system_from_frames(z, np.stack([x0, x1]), box=box)
+    assert isinstance(system, topology.System)
+    np.testing.assert_array_equal(system.species, z)
+    np.testing.assert_array_equal(system.box, box)
+    assert len(system.bonds) == 128
+    np.testing.assert_array_equal(system.molecules, np.arange(192) // 3)
+    first = np.flatnonzero((system.bonds == [0, 1]).all(axis=1))
+    assert first.size == 1
+    # The stretched bond 0-1 (1.012 Å, then 1.112 Å) averages to 1.062 Å; the rest stay rigid.
+    np.testing.assert_allclose(system.equilibrium_lengths[first], 1.062, atol=1e-9)
+    rest = np.delete(system.equilibrium_lengths, first)
+    np.testing.assert_allclose(rest, 1.012, atol=1e-9)

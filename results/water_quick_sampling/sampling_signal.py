@@ -27,11 +27,11 @@ def main(seed, n_learn=6, max_sim=40):
     wd = f"/work/main/runs/water_quick/seed_{seed}"
     dataset = pipeline.load_data(config, wd)
     train, val, test = pipeline.split(config, dataset)
-    bonds, eq, mol = pipeline.system_topology(dataset, train)
+    system = pipeline.system_topology(dataset, train)
     potential, _ = pipeline.build_model(config, dataset, train)
     _, baseline = model_io.load_model(f"{wd}/models/baseline")
-    criterion = pipeline.stability_criterion(config, dataset, bonds, eq, mol)
-    target = pipeline.observable_target(config, dataset, train, bonds, mol)
+    criterion = pipeline.stability_criterion(config, system)
+    target = pipeline.observable_target(config, system, train)
     from stablejax.data import sample_initial_conditions
 
     R = config.md.n_replicas

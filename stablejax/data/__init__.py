@@ -24,7 +24,13 @@ from stablejax.data.splits import (
     split_dataset,
     split_indices,
 )
-from stablejax.data.topology import equilibrium_bond_lengths, find_bonds, molecules
+from stablejax.data.topology import (
+    System,
+    equilibrium_bond_lengths,
+    find_bonds,
+    molecules,
+    system_from_frames,
+)
 
 __all__ = [
     "Dataset",
@@ -32,6 +38,7 @@ __all__ = [
     "ENERGY_UNITS",
     "InitialConditions",
     "Split",
+    "System",
     "ensure_dataset",
     "equilibrium_bond_lengths",
     "find_bonds",
@@ -44,6 +51,7 @@ __all__ = [
     "sample_initial_conditions",
     "split_dataset",
     "split_indices",
+    "system_from_frames",
     "write_mdsim_water",
     "write_sgdml_npz",
 ]

@@ -6,6 +6,8 @@ from them), so this is plain NumPy, run once outside any jit.
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import numpy as np
 from ase.data import covalent_radii
 from scipy.sparse import coo_matrix
@@ -102,3 +104,44 @@ def equilibrium_bond_lengths(positions, bonds, box=None) -> np.ndarray:
         raise ValueError(f"expected positions [m, n, 3] and bonds [b, 2]; got {x.shape}, {b.shape}")
     d = x[:, b[:, 1]] - x[:, b[:, 0]]
     return np.linalg.norm(minimum_image_np(d, box), axis=-1).mean(axis=0)
+
+
+class System(NamedTuple):
+    """What the criteria and observables need to know about a simulated system.
+
+    Attributes:
+      species: [n] int atomic numbers.
+      box: [3] Å box, [3, 3] Å cell (lattice vectors as rows) or None (free space).
+      bonds: [b, 2] int bonded atom pairs (`find_bonds`), or None.
+      equilibrium_lengths: [b] Å mean bond lengths (`equilibrium_bond_lengths`), or None.
+      molecules: [n] int molecule id of each atom (`molecules`), or None.
+    """
+
+    species: Any
+    box: Any = None
+    bonds: Any = None
+    equilibrium_lengths: Any = None
+    molecules: Any = None
+
+
+def system_from_frames(species, positions, box=None) -> System:
+    """The `System` of reference frames: bonds of the first frame, their mean lengths
+    over all frames, and the molecules the bonds connect.
+
+    Args:
+      species: [n] atomic numbers.
+      positions: [m, n, 3] (or [n, 3]) Å reference frames (e.g. the training frames).
+      box: [3] Å box, [3, 3] Å cell (lattice vectors as rows), or None.
+    """
+    x = np.asarray(positions, dtype=float)
+    if x.ndim == 2:
+        x = x[None]
+    species = np.asarray(species)
+    bonds = find_bonds(species, x[0], box=box)
+    return System(
+        species=species,
+        box=box,
+        bonds=bonds,
+        equilibrium_lengths=equilibrium_bond_lengths(x, bonds, box=box),
+        molecules=molecules(len(species), bonds),
+    )

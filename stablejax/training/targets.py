@@ -8,31 +8,14 @@ reference value, the mean over the training frames.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from stablejax import geometry, observables, stability
+from stablejax.data.topology import System
 from stablejax.estimator import neighbourhood_membership
 from stablejax.training.stable import ObservableTarget
-
-
-class System(NamedTuple):
-    """What the observables need to know about the simulated system.
-
-    Attributes:
-      species: [n] int atomic numbers.
-      box: [3] Å, [3, 3] Å cell (lattice vectors as rows) or None (free space).
-      bonds: [b, 2] int bonded atom pairs, or None.
-      molecules: [n] int molecule id of each atom, or None.
-    """
-
-    species: Any
-    box: Any = None
-    bonds: Any = None
-    molecules: Any = None
 
 
 def _oh_bonds_by_molecule(species, bonds, mol) -> np.ndarray:
@@ -218,7 +201,7 @@ def make_target(config, system: System, positions) -> ObservableTarget:
     Args:
       config: the experiment config (reads `observable.*` and `stable.estimator`,
         `stable.local_k_nearest`).
-      system: species, box, bonds and molecule ids of the system.
+      system: `stablejax.data.System` (species, box, bonds, molecule ids).
       positions: [m, n, 3] Å frames the reference is averaged over.
     """
     name = config.observable.name

@@ -65,7 +65,8 @@ def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
     elif preset in ("quick", "transfer", "timestep"):
         c.reductions = (
             "GFN2-xTB data (1200 frames, 2 trajectories) instead of DFT; SchNet with 3 "
-            "interactions; pre-training 26 epochs; 32 training replicas x 200 steps per "
+            "interactions; pre-training batch 8, lr 2e-3, at most 60 epochs (stops earlier "
+            "on its validation plateau); 32 training replicas x 200 steps per "
             "epoch (0.1 ps); StABlE 80 epochs (two learning cycles) with lr 2e-2 (paper "
             "1e-3, which needs hundreds of learning steps), the estimator's own gradient "
             "(observable weight 1, paper preset 0.17) and lambda 0.05 on E_MSE + 100 F_MSE over "
@@ -80,7 +81,15 @@ def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
         c.data.n_val = 50
         c.model.n_interactions = 3
         # Budgets in epochs, not seconds, so that the result does not depend on the machine.
-        c.pretrain.epochs = 26
+        # The baseline is the best QM-only model the budget allows (issue 12's rule): batch
+        # 8 at lr 2e-3 reaches in 40 epochs (~4 min) a val force MAE that batch 32 at lr 1e-3
+        # (the former preset, stopped at 26 epochs: 133 meV/Å) does not reach in 28 (77 vs
+        # 128 meV/Å, seed 0, same machine); 60 epochs with the plateau rule is the budget
+        # the 30-minute target leaves (seed 0, measured 2026-12-01 on the 2-core machine).
+        c.pretrain.epochs = 60
+        c.pretrain.batch_size = 8
+        c.pretrain.lr = 2e-3
+        c.pretrain.patience = 15
         c.md.n_replicas = 32
         c.md.steps_per_epoch = 200
         c.md.check_every = 20

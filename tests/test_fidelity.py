@@ -537,8 +537,8 @@ def test_resets_and_learning_start_follow_the_reference(tmp_path):
         before = state
         if int(before.phase) == 0:
             state, record = simulation_epoch(before, t.setup)
-            slot = int(before.history_count) % int(t.scfg.history_depth)
-            stored = np.asarray(state.history.position[slot])
+            slot = int(before.n_stored) % int(t.scfg.history_depth)
+            stored = np.asarray(state.stored_starts.position[slot])
             if int(state.phase) == 1:
                 # Learning starts from every replica's state at the start of this epoch
                 # (the stored one), the stable replicas rewound too.

@@ -312,8 +312,12 @@ class StableState:
       opt_state: `learning_optimizer` state (the learning rate is set per step).
       md_state: the replicas' live MD state [R, ...].
       learn_start: every replica's state at the start of the current learning phase.
-      history: stored states [history_depth, R, ...] (starts of simulation epochs).
-      history_count: int32, states stored so far (the ring buffer's write count).
+      stored_starts: [history_depth, R, ...] the last `history_depth` starts of simulation
+        epochs, the pool that random resets draw from (the reference's stored states).
+        Not the simulator's `History`: that one is per replica, restarts when a replica
+        is reset and serves `rewind`; this pool outlives resets and rewinds, as in the
+        reference code, whose random resets may pick any stored epoch.
+      n_stored: int32, starts stored so far (the ring buffer's write count).
       held: bool [R], replicas held (frozen) near instability in this simulation phase.
       key: the run's PRNG key (epoch k uses `fold_in(key, k)`).
       phase: int32, SIMULATION (0) or LEARNING (1).
@@ -331,8 +335,8 @@ class StableState:
     opt_state: PyTree
     md_state: PyTree
     learn_start: PyTree
-    history: PyTree
-    history_count: np.ndarray
+    stored_starts: PyTree
+    n_stored: np.ndarray
     held: np.ndarray
     key: jax.Array
     phase: np.ndarray
@@ -599,8 +603,10 @@ def init_state(setup: StableSetup, params: PyTree, initial_positions) -> StableS
         md_state=md_state,
         learn_start=md_state,
         # [D, R, ...]: replicas split over the devices like the live state.
-        history=sharding.shard_replicas(_stack_states([md_state] * depth), setup.mesh, axis=1),
-        history_count=_i32(0),
+        stored_starts=sharding.shard_replicas(
+            _stack_states([md_state] * depth), setup.mesh, axis=1
+        ),
+        n_stored=_i32(0),
         held=np.zeros(setup.n_replicas, bool),
         key=key,
         phase=_i32(SIMULATION),
@@ -628,7 +634,7 @@ def _random_resets(setup: StableSetup, state: StableState, key):
     """Reset ceil(reset_fraction x stable replicas) random stable replicas to random
     stored states (the reference's diversity step at the start of a simulation phase).
     Returns (md_state, number reset)."""
-    stored = min(int(state.history_count), int(setup.scfg.history_depth))
+    stored = min(int(state.n_stored), int(setup.scfg.history_depth))
     if stored == 0 or setup.scfg.reset_fraction <= 0:
         return state.md_state, 0
     k1, k2, k3 = jax.random.split(key, 3)
@@ -641,7 +647,7 @@ def _random_resets(setup: StableSetup, state: StableState, key):
     mask[chosen] = True
     slots = np.asarray(jax.random.randint(k2, (setup.n_replicas,), 0, stored))
     rows = np.arange(setup.n_replicas)
-    earlier = jax.tree.map(lambda h: h[slots, rows], state.history)
+    earlier = jax.tree.map(lambda h: h[slots, rows], state.stored_starts)
     return setup.sim.reset(state.md_state, earlier, mask, key=k3), n_reset
 
 
@@ -670,8 +676,8 @@ def simulation_epoch(state: StableState, setup: StableSetup) -> tuple[StableStat
         md_state, n_reset = _random_resets(setup, state, epoch_key(state))
     start = md_state
     # Stored states are the starts of simulation epochs (as in the reference code).
-    slot = int(state.history_count) % int(setup.scfg.history_depth)
-    history = jax.tree.map(lambda h, x: h.at[slot].set(x), state.history, start)
+    slot = int(state.n_stored) % int(setup.scfg.history_depth)
+    stored_starts = jax.tree.map(lambda h, x: h.at[slot].set(x), state.stored_starts, start)
     t0 = time.perf_counter()
     md_state, traj, unstable = setup.run_md(state.params, start)
     md_time = time.perf_counter() - t0
@@ -693,8 +699,8 @@ def simulation_epoch(state: StableState, setup: StableSetup) -> tuple[StableStat
     state = state.replace(
         md_state=md_state,
         held=held,
-        history=history,
-        history_count=_i32(int(state.history_count) + 1),
+        stored_starts=stored_starts,
+        n_stored=_i32(int(state.n_stored) + 1),
         new_phase=np.asarray(False),
         epoch=_i32(int(state.epoch) + 1),
     )
@@ -931,6 +937,7 @@ class StableTrainer:
 
     @property
     def history(self) -> list[dict]:
+        """The per-epoch metrics records so far (`stable/metrics.jsonl`), oldest first."""
         if self.writer is None:
             return []
         return read_metrics(self.writer.path)

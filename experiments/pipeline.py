@@ -593,7 +593,7 @@ def stable_train(config, potential, params, dataset, train, target, criterion, w
     return params, history
 
 
-def evaluate(
+def evaluate_models(
     config,
     potential,
     models,
@@ -814,7 +814,7 @@ def extra_evaluations(config, potential, models, dataset, test, system, workdir)
     for T in config.eval.transfer_temperatures_K:
         ref, ess, T0 = reweighted_reference(config, dataset, float(T))
         log(f"temperature transfer to {T} K: reference reweighted from {T0} K, ESS {ess:.1f}")
-        final, _ = evaluate(
+        final, _ = evaluate_models(
             config, potential, models, dataset, test, system, workdir,
             suffix=f"_T{float(T):g}K", temperature_K=float(T), reference=ref,
             extra={"reference_reweighted_from_K": T0, "reference_ess": ess,
@@ -822,7 +822,7 @@ def extra_evaluations(config, potential, models, dataset, test, system, workdir)
         )  # fmt: skip
         results[f"T{float(T):g}K"] = final
     for dt in config.eval.timestep_study_fs:
-        final, _ = evaluate(
+        final, _ = evaluate_models(
             config, potential, models, dataset, test, system, workdir,
             suffix=f"_dt{float(dt):g}fs", dt_fs=float(dt),
         )  # fmt: skip
@@ -994,7 +994,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         log(f"evaluation already done: {done_path}")
         final = read_json(done_path)
     else:
-        final, out_dir = evaluate(config, potential, models, dataset, test, system, workdir)
+        final, out_dir = evaluate_models(config, potential, models, dataset, test, system, workdir)
     extra_evaluations(config, potential, models, dataset, test, system, workdir)
     log(f"done in {time.time() - t0:.0f} s")
     for name in models:
@@ -1325,7 +1325,7 @@ def run_lj(config, workdir) -> dict:
         )
         model_io.save_model(stable_path, config.model, stable_params)
     empty = dataset.subset(np.arange(0))
-    final, out_dir = evaluate(
+    final, out_dir = evaluate_models(
         config,
         potential,
         {"prior only (baseline)": baseline, "stable": stable_params},

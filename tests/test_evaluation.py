@@ -481,10 +481,10 @@ def test_pipeline_evaluate_keeps_a_given_reference(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "write_report", capture)
     given = {"h(r)": np.full(3, 7.0)}
     with pytest.raises(Stop):
-        pipeline.evaluate(config, potential, {"m": params}, dataset, test, system,
+        pipeline.evaluate_models(config, potential, {"m": params}, dataset, test, system,
                           str(tmp_path), reference=given)  # fmt: skip
     assert seen["reference"] is given
     with pytest.raises(Stop):
-        pipeline.evaluate(config, potential, {"m": params}, dataset, test, system,
+        pipeline.evaluate_models(config, potential, {"m": params}, dataset, test, system,
                           str(tmp_path))  # fmt: skip
     assert seen["reference"] is not given and "h(r)" in seen["reference"]

@@ -324,7 +324,7 @@ class Simulator:
             params, position, edges, box
         )
 
-    def _edges(self, state, dtype_like=None):
+    def _edges(self, state):
         if self._free_edges is not None:
             return jnp.asarray(self._free_edges)
         return state.neighbors.edges

@@ -450,7 +450,7 @@ def make_evaluator(potential: Potential, *, batch_size: int = 32) -> Callable:
 
     batch_errors = _cached_jit("errors", potential, (), build)
 
-    def evaluate(params, frames: QMFrames) -> dict:
+    def errors(params, frames: QMFrames) -> dict:
         idx_batches, w_batches = _batch_indices(frames.n_frames, batch_size)
         sums = np.zeros(4)
         for idx, weight in zip(idx_batches, w_batches, strict=True):
@@ -466,7 +466,7 @@ def make_evaluator(potential: Potential, *, batch_size: int = 32) -> Callable:
             "n_frames": m,
         }
 
-    return evaluate
+    return errors
 
 
 def evaluate(

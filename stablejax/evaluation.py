@@ -14,6 +14,7 @@ the same initial states.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -461,16 +462,11 @@ def evaluate_model(
         state = sim.init(key, params, jnp.asarray(initial_positions), kT)
 
     species_np = np.asarray(species)
-
-    def frame_observables(x, b):
-        return structural_observables(x, species_np, b, **dict(observable_settings))
-
-    if periodic:
-        # One box per frame (NPT changes it): RDF densities and minimum images follow it.
-        obs_fn = jax.jit(jax.vmap(frame_observables))
-    else:
-        obs_fn = jax.jit(jax.vmap(lambda x, b: frame_observables(x, None)))
-    checks = [jax.jit(c.criterion.is_unstable) for c in criteria]
+    # Compiled once per system and criterion, shared by every model evaluated with them.
+    obs_fn = _observables_fn(
+        tuple(species_np.tolist()), tuple(sorted(dict(observable_settings).items())), periodic
+    )
+    checks = [_check_fn(c.criterion) for c in criteria]
 
     seg_steps = settings.segment_frames * settings.record_every
     n_steps = settings.n_steps
@@ -656,6 +652,28 @@ def evaluate_model(
         unstable_criterion=which,
         by_criterion=by_criterion,
     )
+
+
+@functools.lru_cache(maxsize=32)
+def _observables_fn(species: tuple, settings: tuple, periodic: bool):
+    """Jitted `structural_observables` of a batch of frames `(x [f, n, 3], box [f, 3] |
+    [f, 3, 3]) -> {name: [f, bins]}`, one per system and settings (so that evaluating a
+    second model compiles nothing new). Periodic: each frame's own box (NPT changes it)."""
+    species_np = np.asarray(species)
+    kw = dict(settings)
+
+    def frame(x, b):
+        return structural_observables(x, species_np, b if periodic else None, **kw)
+
+    return jax.jit(jax.vmap(frame))
+
+
+@functools.lru_cache(maxsize=32)
+def _check_fn(criterion: StabilityCriterion):
+    """Jitted `criterion.is_unstable`, one per criterion (a `StabilityCriterion` is a
+    hashable NamedTuple; `criterion.is_unstable` is a new bound method at every access,
+    which `jax.jit` would trace and compile again for every model)."""
+    return jax.jit(criterion.is_unstable)
 
 
 def _first_time(flags: np.ndarray, times: np.ndarray) -> np.ndarray:

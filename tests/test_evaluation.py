@@ -10,7 +10,7 @@ import pytest
 
 from experiments import pipeline
 from experiments.configs import water as water_config
-from stablejax import md, observables, stability
+from stablejax import evaluation, md, observables, stability
 from stablejax.data import Dataset
 from stablejax.evaluation import (
     EvalCriterion,
@@ -488,3 +488,38 @@ def test_pipeline_evaluate_keeps_a_given_reference(tmp_path, monkeypatch):
         pipeline.evaluate_models(config, potential, {"m": params}, dataset, test, system,
                           str(tmp_path))  # fmt: skip
     assert seen["reference"] is not given and "h(r)" in seen["reference"]
+
+
+def test_a_second_model_reuses_the_compiled_criteria_and_observables():
+    """Evaluating a second model with the same criteria and system traces neither the
+    criterion nor the observables again (one compile shared by every model)."""
+    species = np.array([6, 6])
+    traces = {"metric": 0}
+    base = stability.bond_length_criterion(np.array([[0, 1]]), np.array([1.52]), threshold=1e3)
+
+    def metric(x, box=None):
+        traces["metric"] += 1  # runs only while tracing
+        return base.metric(x, box)
+
+    crit = base._replace(metric=metric)
+    settings = EvalSettings(
+        time_ps=0.01, dt_fs=0.5, temperature_K=300.0, record_every=5, vacf_window=0
+    )
+    obs = {"r_max": 4.0, "dr": 0.05, "sigma": 0.0}
+
+    def energy_fn(params, x, edges, box):
+        d = jnp.linalg.norm(x[1] - x[0])
+        return params * (d - 1.52) ** 2
+
+    sim = md.Simulator(energy_fn, species=species, integrator=md.NVE(dt_fs=0.5), chunk_steps=10)
+    init = np.array([[[0.0, 0.0, 0.0], [1.52, 0.0, 0.0]]] * 2)
+    counts = []
+    for params in (jnp.asarray(1.0), jnp.asarray(2.0)):
+        res = evaluate_model(
+            sim, params, init, settings=settings, criteria=[crit], species=species, box=None,
+            observable_settings=obs, key=jax.random.PRNGKey(0), progress=False,
+        )  # fmt: skip
+        assert res.n_stable_frames == 2 * 4
+        counts.append((traces["metric"], evaluation._observables_fn.cache_info().misses))
+    assert counts[0][0] >= 1
+    assert counts[1] == counts[0]

@@ -99,7 +99,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow  # two JAX processes compiling the same programs: ~100 s on 2 busy cores
+# Two JAX processes compiling the same programs: ~60 s on 2 idle cores, 140 s on busy ones.
 def test_two_processes_give_the_parameters_of_one(tmp_path):
     """`jax.distributed` on localhost (gloo CPU collectives), 2 devices per process: one
     StABlE simulation + learning epoch with the replicas split over both processes gives

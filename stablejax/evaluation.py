@@ -17,7 +17,7 @@ import dataclasses
 import functools
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -439,77 +439,25 @@ def evaluate_model(
     if any(c.window_frames < 1 for c in criteria):
         raise ValueError("EvalCriterion.window_frames must be >= 1")
     kT = units.kT_from_kelvin(settings.temperature_K)
-    state = sim.init(key, params, jnp.asarray(initial_positions), kT)
     R = int(np.shape(initial_positions)[0])
     dt_ps = settings.dt_fs / 1000.0
     periodic = box is not None
-
-    # VACF: velocities every step at the start of the run, of replicas that stayed
-    # finite over the whole VACF window (a flagged replica's frames are frozen copies).
-    vacf = None
-    if settings.vacf_window > 1:
-        n_v = 2 * settings.vacf_window
-        state, vtraj = sim.run(params, state, n_v, record_every=1, record_velocities=True)
-        v = np.asarray(vtraj.velocity)
-        ok = np.all(np.isfinite(v), axis=(1, 2, 3)) & ~np.any(vtraj.unstable, axis=1)
-        if ok.any():
-            per = np.asarray(
-                observables.velocity_autocorrelation(
-                    jnp.asarray(v[ok]), window=settings.vacf_window
-                )
-            )
-            vacf = per.mean(axis=0)
-        state = sim.init(key, params, jnp.asarray(initial_positions), kT)
+    vacf = _initial_vacf(sim, params, initial_positions, key, kT, settings)
+    state = sim.init(key, params, jnp.asarray(initial_positions), kT)
 
     species_np = np.asarray(species)
     # Compiled once per system and criterion, shared by every model evaluated with them.
-    obs_fn = _observables_fn(
-        tuple(species_np.tolist()), tuple(sorted(dict(observable_settings).items())), periodic
+    sums = _ObservableSums(
+        _observables_fn(
+            tuple(species_np.tolist()), tuple(sorted(dict(observable_settings).items())), periodic
+        )
     )
-    checks = [_check_fn(c.criterion) for c in criteria]
-
+    stream = _StabilityStream(criteria, R)
     seg_steps = settings.segment_frames * settings.record_every
     n_steps = settings.n_steps
-    first = {c.name: np.full(R, np.inf) for c in criteria}  # per criterion
-    non_finite = np.full(R, np.inf)  # first frame the simulator had flagged
-    judged = {c.name: 0 for c in criteria}  # frames each criterion has judged
-    # Frames not yet judged by every criterion: positions/boxes/times, [R, f, ...].
-    pending = {"pos": None, "box": None, "times": None}
-    sums, n_frames = None, 0
     oxygen_idx = np.flatnonzero(species_np == 8) if periodic else np.zeros(0, int)
     oxygen_traj, oxygen_times = [], []
     done = 0
-    total_frames = 0
-
-    def combined():
-        t = non_finite.copy()
-        for v in first.values():
-            t = np.minimum(t, v)
-        return t
-
-    def release(n_release):
-        """Accumulate observables of the first n_release pending frames (now judged)."""
-        nonlocal sums, n_frames
-        if n_release <= 0:
-            return
-        pos = pending["pos"][:, :n_release]
-        times = pending["times"][:n_release]
-        fbox = None if pending["box"] is None else pending["box"][:, :n_release]
-        stable_frame = times[None, :] < combined()[:, None]
-        if stable_frame.any():
-            sel = jnp.asarray(pos[stable_frame])
-            bsel = (
-                jnp.asarray(fbox[stable_frame])
-                if fbox is not None
-                else jnp.zeros((sel.shape[0], 3), sel.dtype)
-            )
-            vals = {k: np.asarray(v) for k, v in obs_fn(sel, bsel).items()}
-            s_ = {k: v.sum(axis=0) for k, v in vals.items()}
-            sums = s_ if sums is None else {k: sums[k] + s_[k] for k in s_}
-            n_frames += int(stable_frame.sum())
-        for k in pending:
-            if pending[k] is not None:
-                pending[k] = pending[k][:, n_release:] if k != "times" else pending[k][n_release:]
 
     keep_every = 0
     kept: dict[str, list] = {"pos": [], "vel": [], "box": [], "energy": [], "times": []}
@@ -530,73 +478,24 @@ def evaluate_model(
         else:
             state, traj = sim.run(params, state, steps, record_every=settings.record_every)
         pos = np.asarray(traj.position)  # [R, F, n, 3]
+        times = (done + settings.record_every * np.arange(1, pos.shape[1] + 1)) * dt_ps
         if keep_every:
-            index = total_frames + np.arange(pos.shape[1])
-            sel = (index + 1) % keep_every == 0
-            kept["pos"].append(pos[:, sel])
-            kept["vel"].append(None if traj.velocity is None else np.asarray(traj.velocity)[:, sel])
-            kept["box"].append(None if traj.box is None else np.asarray(traj.box)[:, sel])
-            kept["energy"].append(np.asarray(traj.potential_energy)[:, sel])
-            kept["times"].append(
-                (done + settings.record_every * (index[sel] - total_frames + 1)) * dt_ps
-            )
+            _keep_frames(kept, traj, pos, times, first_index=stream.n_pushed, every=keep_every)
         fbox = None if traj.box is None else np.asarray(traj.box)  # [R, F, 3] or [R, F, 3, 3]
-        F = pos.shape[1]
-        times = (done + settings.record_every * np.arange(1, F + 1)) * dt_ps
         # Simulator-level failure: flagged frames, and frames that are not finite.
         flagged = np.asarray(traj.unstable, bool) | ~np.all(np.isfinite(pos), axis=(2, 3))
-        t_nf = _first_time(flagged, times)
-        non_finite = np.minimum(non_finite, t_nf)
         if oxygen_idx.size:
             oxygen_traj.append(pos[:, :, oxygen_idx])
             oxygen_times.append(times)
-        # Pending frames (for observables) and every criterion's judgement.
-        pending["pos"] = pos if pending["pos"] is None else np.concatenate([pending["pos"], pos], 1)
-        if fbox is not None:
-            pending["box"] = (
-                fbox if pending["box"] is None else np.concatenate([pending["box"], fbox], 1)
-            )
-        pending["times"] = (
-            times if pending["times"] is None else np.concatenate([pending["times"], times])
-        )
-        base = total_frames + F - pending["pos"].shape[1]  # global index of pending[0]
-        for c, check in zip(criteria, checks, strict=True):
-            w = c.window_frames
-            start = judged[c.name] - base  # first pending frame this criterion has not judged
-            avail = pending["pos"].shape[1] - start
-            n_win = avail // w
-            if n_win == 0:
-                continue
-            x = pending["pos"][:, start : start + n_win * w]
-            b = None if fbox is None else pending["box"][:, start : start + n_win * w]
-            tt = pending["times"][start : start + n_win * w]
-            if w > 1:
-                x = x.reshape(R, n_win, w, *x.shape[2:])
-                b = None if b is None else b.reshape(R, n_win, w, *b.shape[2:])
-            flags = np.asarray(
-                check(jnp.asarray(x), None if b is None else jnp.asarray(b))
-            )  # [R, n_win]
-            t_c = _first_time(flags, tt[::w])
-            first[c.name] = np.minimum(first[c.name], t_c)
-            judged[c.name] += n_win * w
-        total_frames += F
-        release(min(judged.values()) - base)
+        stream.push(pos, fbox, times, flagged)
+        _release(stream, sums, stream.releasable())
         # A replica runs on until every criterion has marked it (or it went non-finite).
-        finished = np.isfinite(non_finite)
-        every = np.ones(R, bool)
-        for v in first.values():
-            every &= np.isfinite(v)
-        finished |= every
+        finished = stream.finished()
         if finished.any():
             state = sim.freeze(state, jnp.asarray(finished))
         done += steps
         if progress:
-            t_comb = combined()
-            status = (
-                f"unstable {int(np.isfinite(t_comb).sum())}/{R} ("
-                + ", ".join(f"{k} {int(np.isfinite(v).sum())}" for k, v in first.items())
-                + f", non-finite {int(np.isfinite(non_finite).sum())})"
-            )
+            status = stream.status()
             if bar.disable:  # not a terminal: one line per segment
                 logger.info(
                     f"[eval {label}] {done * dt_ps:8.2f}/{n_steps * dt_ps:.2f} ps | {status}"
@@ -608,13 +507,233 @@ def evaluate_model(
             break
     bar.close()
     # Frames of a trailing partial window: judged by the per-frame criteria only.
-    if pending["pos"] is not None:
-        release(pending["pos"].shape[1])
-    max_time = n_steps * dt_ps
-    t_comb = combined()
+    _release(stream, sums, stream.n_pending)
+    if keep_every:
+        _write_trajectories(trajectory_dir, kept, species, box, stream.combined())
+    diffusivity = None
+    if oxygen_traj:
+        diffusivity = _stable_diffusivity(
+            oxygen_traj, oxygen_times, stream.combined(), settings.frame_dt_ps
+        )
+    return _result(
+        stream,
+        sums,
+        max_time_ps=n_steps * dt_ps,
+        resolution_ps=settings.frame_dt_ps * max(c.window_frames for c in criteria),
+        vacf=vacf,
+        diffusivity=diffusivity,
+    )
+
+
+def _initial_vacf(sim, params, initial_positions, key, kT, settings) -> np.ndarray | None:
+    """[vacf_window] normalised VACF of the first 2 x vacf_window steps, mean over the
+    replicas that stayed finite over the whole window (a flagged replica's frames are
+    frozen copies); None when `settings.vacf_window` <= 1 or no replica stayed finite.
+    Runs its own MD from `sim.init`: the caller starts the evaluation afresh."""
+    if settings.vacf_window <= 1:
+        return None
+    state = sim.init(key, params, jnp.asarray(initial_positions), kT)
+    n_v = 2 * settings.vacf_window
+    state, vtraj = sim.run(params, state, n_v, record_every=1, record_velocities=True)
+    v = np.asarray(vtraj.velocity)
+    ok = np.all(np.isfinite(v), axis=(1, 2, 3)) & ~np.any(vtraj.unstable, axis=1)
+    if not ok.any():
+        return None
+    per = np.asarray(
+        observables.velocity_autocorrelation(jnp.asarray(v[ok]), window=settings.vacf_window)
+    )
+    return per.mean(axis=0)
+
+
+@dataclasses.dataclass
+class _ObservableSums:
+    """Running sums of the structural observables over frames (in the order added).
+
+    Attributes:
+      fn: `_observables_fn(...)`, `(x [m, n, 3], box [m, ...]) -> {name: [m, bins]}`.
+      sums: {name: [bins]} summed over the frames added, None before the first.
+      n_frames: frames added.
+    """
+
+    fn: Callable
+    sums: dict | None = None
+    n_frames: int = 0
+
+    def add(self, positions: np.ndarray, boxes: np.ndarray | None) -> None:
+        """Adds frames `positions` [m, n, 3] Å with their boxes [m, 3] / [m, 3, 3] (None:
+        no box, molecules); one sum per call, so the summation order follows the calls."""
+        if positions.shape[0] == 0:
+            return
+        sel = jnp.asarray(positions)
+        bsel = jnp.asarray(boxes) if boxes is not None else jnp.zeros((sel.shape[0], 3), sel.dtype)
+        vals = {k: np.asarray(v) for k, v in self.fn(sel, bsel).items()}
+        s_ = {k: v.sum(axis=0) for k, v in vals.items()}
+        self.sums = s_ if self.sums is None else {k: self.sums[k] + s_[k] for k in s_}
+        self.n_frames += int(positions.shape[0])
+
+    def mean(self) -> dict:
+        """{name: [bins]} mean over the frames added ({} if none)."""
+        if self.sums is None:
+            return {}
+        return {k: v / self.n_frames for k, v in self.sums.items()}
+
+
+@dataclasses.dataclass
+class _StabilityStream:
+    """Streaming stability judgement of recorded frames, segment by segment.
+
+    Each criterion judges the frames pushed so far as soon as it can: per-frame criteria
+    every frame, windowed ones (`EvalCriterion.window_frames` > 1) whole windows only,
+    so the judgement does not depend on how the frames were split into pushes. Frames
+    stay pending until every criterion has judged them (`releasable`, `pop`).
+
+    Attributes:
+      criteria: `EvalCriterion`s.
+      n_replicas: R.
+      first: {name: [R]} time (ps) of each replica's first crossing, +inf if none.
+      non_finite: [R] time of the first frame the simulator had flagged (or not
+        finite), +inf if none.
+      judged: {name: frames (from the start) that criterion has judged}.
+      n_pushed: frames pushed so far.
+      pos, box, times: pending frames [R, f, n, 3], boxes [R, f, ...] (None without
+        boxes), times [f] ps (None before the first push).
+    """
+
+    criteria: list
+    n_replicas: int
+    first: dict = dataclasses.field(init=False)
+    non_finite: np.ndarray = dataclasses.field(init=False)
+    judged: dict = dataclasses.field(init=False)
+    n_pushed: int = 0
+    pos: np.ndarray | None = None
+    box: np.ndarray | None = None
+    times: np.ndarray | None = None
+
+    def __post_init__(self):
+        R = self.n_replicas
+        self.first = {c.name: np.full(R, np.inf) for c in self.criteria}
+        self.non_finite = np.full(R, np.inf)
+        self.judged = {c.name: 0 for c in self.criteria}
+        self._checks = [_check_fn(c.criterion) for c in self.criteria]
+
+    @property
+    def n_pending(self) -> int:
+        return 0 if self.pos is None else self.pos.shape[1]
+
+    def push(self, pos, fbox, times, flagged) -> None:
+        """Adds frames [R, F, n, 3] with boxes [R, F, ...] (or None), times [F] ps and the
+        simulator's flags [R, F] bool, and judges what each criterion can judge now."""
+        self.non_finite = np.minimum(self.non_finite, _first_time(flagged, times))
+        self.pos = pos if self.pos is None else np.concatenate([self.pos, pos], 1)
+        if fbox is not None:
+            self.box = fbox if self.box is None else np.concatenate([self.box, fbox], 1)
+        self.times = times if self.times is None else np.concatenate([self.times, times])
+        self.n_pushed += pos.shape[1]
+        base = self.n_pushed - self.n_pending  # global index of the first pending frame
+        R = self.n_replicas
+        for c, check in zip(self.criteria, self._checks, strict=True):
+            w = c.window_frames
+            start = self.judged[c.name] - base  # first pending frame c has not judged
+            n_win = (self.n_pending - start) // w
+            if n_win == 0:
+                continue
+            x = self.pos[:, start : start + n_win * w]
+            b = None if self.box is None else self.box[:, start : start + n_win * w]
+            tt = self.times[start : start + n_win * w]
+            if w > 1:
+                x = x.reshape(R, n_win, w, *x.shape[2:])
+                b = None if b is None else b.reshape(R, n_win, w, *b.shape[2:])
+            flags = np.asarray(
+                check(jnp.asarray(x), None if b is None else jnp.asarray(b))
+            )  # [R, n_win]
+            self.first[c.name] = np.minimum(self.first[c.name], _first_time(flags, tt[::w]))
+            self.judged[c.name] += n_win * w
+
+    def releasable(self) -> int:
+        """Pending frames (from the first) that every criterion has judged."""
+        return min(self.judged.values()) - (self.n_pushed - self.n_pending)
+
+    def pop(self, n: int):
+        """Removes the first `n` pending frames: (positions [R, n, n_atoms, 3], boxes
+        [R, n, ...] or None, times [n])."""
+        pos, box, times = self.pos[:, :n], None, self.times[:n]
+        self.pos, self.times = self.pos[:, n:], self.times[n:]
+        if self.box is not None:
+            box, self.box = self.box[:, :n], self.box[:, n:]
+        return pos, box, times
+
+    def combined(self) -> np.ndarray:
+        """[R] combined stable time: the earliest crossing of any criterion or flag."""
+        t = self.non_finite.copy()
+        for v in self.first.values():
+            t = np.minimum(t, v)
+        return t
+
+    def finished(self) -> np.ndarray:
+        """[R] bool: non-finite, or marked by every criterion (nothing left to judge)."""
+        done = np.isfinite(self.non_finite)
+        every = np.ones(self.n_replicas, bool)
+        for v in self.first.values():
+            every &= np.isfinite(v)
+        return done | every
+
+    def status(self) -> str:
+        """Progress line: unstable replicas, combined, per criterion and non-finite."""
+        R = self.n_replicas
+        return (
+            f"unstable {int(np.isfinite(self.combined()).sum())}/{R} ("
+            + ", ".join(f"{k} {int(np.isfinite(v).sum())}" for k, v in self.first.items())
+            + f", non-finite {int(np.isfinite(self.non_finite).sum())})"
+        )
+
+
+def _release(stream: _StabilityStream, sums: _ObservableSums, n: int) -> None:
+    """Pops the first `n` pending (judged) frames; those before each replica's combined
+    stable time enter the observable sums."""
+    if n <= 0:
+        return
+    pos, box, times = stream.pop(n)
+    stable_frame = times[None, :] < stream.combined()[:, None]
+    if stable_frame.any():
+        sums.add(pos[stable_frame], None if box is None else box[stable_frame])
+
+
+def _keep_frames(kept: dict, traj, pos, times, *, first_index: int, every: int) -> None:
+    """Appends every `every`-th recorded frame (global frame index `first_index` + f) of
+    one segment to `kept` (positions, velocities, boxes, potential energies, times)."""
+    sel = (first_index + np.arange(pos.shape[1]) + 1) % every == 0
+    kept["pos"].append(pos[:, sel])
+    kept["vel"].append(None if traj.velocity is None else np.asarray(traj.velocity)[:, sel])
+    kept["box"].append(None if traj.box is None else np.asarray(traj.box)[:, sel])
+    kept["energy"].append(np.asarray(traj.potential_energy)[:, sel])
+    kept["times"].append(times[sel])
+
+
+def _stable_diffusivity(oxygen_traj, oxygen_times, stable_time_ps, frame_dt_ps):
+    """Diffusivity of the oxygens' stable prefixes: segments [R, f, n_O, 3] and their
+    times [f], frames from each replica's stable time [R] on left out (NaN)."""
+    ox = np.concatenate(oxygen_traj, axis=1)  # [R, F, n_O, 3]
+    ot = np.concatenate(oxygen_times)
+    ox = np.where((ot[None, :] < stable_time_ps[:, None])[..., None, None], ox, np.nan)
+    return _diffusivity(ox, frame_dt_ps)
+
+
+def _result(
+    stream: _StabilityStream,
+    sums: _ObservableSums,
+    *,
+    max_time_ps: float,
+    resolution_ps: float,
+    vacf,
+    diffusivity,
+) -> EvalResult:
+    """The `EvalResult` of a finished stream: combined and per-criterion stable times
+    (censored at `max_time_ps`), causes, and the observables' means."""
+    first, non_finite = stream.first, stream.non_finite
+    t_comb = stream.combined()
     ever = np.isfinite(t_comb)
     cause, which = [], []
-    for r in range(R):
+    for r in range(stream.n_replicas):
         if not ever[r]:
             cause.append(None)
             which.append(None)
@@ -624,28 +743,17 @@ def evaluate_model(
         else:
             cause.append("criterion")
             which.append(next(k for k, v in first.items() if v[r] == t_comb[r]))
-    if keep_every:
-        _write_trajectories(trajectory_dir, kept, species, box, t_comb)
     by_criterion = {}
     for k, v in first.items():
         t = np.minimum(v, non_finite)
-        by_criterion[k] = (np.where(np.isfinite(t), t, max_time), np.isfinite(t))
-    obs = {}
-    if sums is not None:
-        obs = {k: v / n_frames for k, v in sums.items()}
-    diffusivity = None
-    if oxygen_traj:
-        ox = np.concatenate(oxygen_traj, axis=1)  # [R, F, n_O, 3]
-        ot = np.concatenate(oxygen_times)
-        ox = np.where((ot[None, :] < t_comb[:, None])[..., None, None], ox, np.nan)
-        diffusivity = _diffusivity(ox, settings.frame_dt_ps)
+        by_criterion[k] = (np.where(np.isfinite(t), t, max_time_ps), np.isfinite(t))
     return EvalResult(
-        stable_time_ps=np.where(ever, t_comb, max_time),
+        stable_time_ps=np.where(ever, t_comb, max_time_ps),
         ever_unstable=ever,
-        max_time_ps=max_time,
-        resolution_ps=settings.frame_dt_ps * max(c.window_frames for c in criteria),
-        observables=obs,
-        n_stable_frames=n_frames,
+        max_time_ps=max_time_ps,
+        resolution_ps=resolution_ps,
+        observables=sums.mean(),
+        n_stable_frames=sums.n_frames,
         vacf=vacf,
         diffusivity_A2_per_ps=diffusivity,
         unstable_cause=cause,

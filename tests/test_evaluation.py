@@ -523,3 +523,49 @@ def test_a_second_model_reuses_the_compiled_criteria_and_observables():
         counts.append((traces["metric"], evaluation._observables_fn.cache_info().misses))
     assert counts[0][0] >= 1
     assert counts[1] == counts[0]
+
+
+def test_stability_stream_judges_whole_windows_whatever_the_segments():
+    """A windowed criterion (2 frames) and a per-frame one fed in segments of 3, 5 and 2
+    frames give the first crossings of one push of all 10 frames; a window straddling a
+    segment boundary is judged once it is complete, and frames are released only when
+    every criterion has judged them."""
+    R, T = 3, 10
+    x = np.zeros((R, T, 2, 3))
+    x[0, 3, 0, 0] = 2.0  # window [2, 3] crosses (mean 1.0 > 0.5), straddles frames 3 | 4
+    x[1, 9, 0, 0] = 2.0  # last window [8, 9]
+    x[2, 7, 1, 0] = -1.0  # the per-frame criterion at frame 7
+    times = 0.01 * np.arange(1, T + 1)
+    windowed = EvalCriterion(
+        stability.StabilityCriterion("window_mean", lambda p, box=None: p[..., 0, 0].mean(-1), 0.5),
+        window_frames=2,
+    )
+    per_frame = EvalCriterion(
+        stability.StabilityCriterion(
+            "frame_min", lambda p, box=None: p[..., 1, 0], -0.5, unstable_below=True
+        )
+    )
+
+    def stream_of(sizes):
+        stream = evaluation._StabilityStream([windowed, per_frame], R)
+        popped, start = [], 0
+        for size in sizes:
+            sl = slice(start, start + size)
+            stream.push(x[:, sl], None, times[sl], np.zeros((R, size), bool))
+            start += size
+            n = stream.releasable()
+            assert n == min(start - start % 2, start) - sum(len(t) for t in popped)
+            _, box, t = stream.pop(n)
+            assert box is None
+            popped.append(t)
+        assert stream.n_pending == 0
+        np.testing.assert_array_equal(np.concatenate(popped), times)
+        return stream
+
+    whole, uneven = stream_of([T]), stream_of([3, 5, 2])
+    for stream in (whole, uneven):
+        np.testing.assert_array_equal(stream.first["window_mean"], [times[2], times[8], np.inf])
+        np.testing.assert_array_equal(stream.first["frame_min"], [np.inf, np.inf, times[7]])
+        np.testing.assert_array_equal(stream.combined(), [times[2], times[8], times[7]])
+        np.testing.assert_array_equal(stream.finished(), [False, False, False])
+    assert uneven.judged == whole.judged == {"window_mean": T, "frame_min": T}

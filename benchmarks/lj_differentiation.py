@@ -502,6 +502,9 @@ def main(argv=None):
         default=4.0,
         help="do not run (only compile and report memory of) gradients needing more",
     )
+    parser.add_argument(
+        "--no-plots", action="store_true", help="write the JSON only (no matplotlib needed)"
+    )
     args = parser.parse_args(argv)
 
     if args.quick:
@@ -544,7 +547,8 @@ def main(argv=None):
         sample_every=sample_every, time_limit=time_limit,
         max_run_bytes=args.max_run_memory_gb * 2**30,
     )  # fmt: skip
-    plot_comparison(results, os.path.join(args.out, "lj_differentiation.png"))
+    if not args.no_plots:
+        plot_comparison(results, os.path.join(args.out, "lj_differentiation.png"))
 
     train_params0 = system.model.init(jax.random.PRNGKey(42), None, system.positions0, system.box)
     training = None
@@ -555,9 +559,10 @@ def main(argv=None):
             steps_per_iter=defaults["steps_per_iter"], sample_every=sample_every, lr=3e-3,
             n_eval_steps=defaults["n_eval"], seed=1,
         )  # fmt: skip
-        plot_training(
-            system, np.asarray(g_target), train, os.path.join(args.out, "lj_training.png")
-        )
+        if not args.no_plots:
+            plot_training(
+                system, np.asarray(g_target), train, os.path.join(args.out, "lj_training.png")
+            )
         training = {
             "iterations": train_iters,
             "replicas": defaults["n_rep"],

@@ -21,10 +21,11 @@ tetrapeptide ``quick`` model config, an RDKit conformer, Nose-Hoover at
 500 K as in that config) with dense all-pairs edges vs free-space cutoff lists
 (``Simulator(free_space_edges="cutoff")``, list radius cutoff + ``md.skin``),
 8 replicas x 100 steps after a warm-up; ``ratio`` = cutoff / all-pairs step
-time (goal <= 0.6).
+time (goal <= 0.6); `--free-space-replicas/--free-space-steps` change the 8 x 100.
 
 Usage:
   python -m benchmarks.md_throughput [--out DIR] [--quick] [--only-free-space-edges]
+      [--replicas 1,8,32,128] [--free-space-replicas 8] [--free-space-steps 100]
 """
 
 from __future__ import annotations
@@ -358,18 +359,32 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="directory for md_throughput.json")
     parser.add_argument("--quick", action="store_true", help="fewer steps and repeats")
     parser.add_argument(
+        "--replicas",
+        default=",".join(map(str, REPLICAS)),
+        help="comma list of replica counts (the last one gives the overhead and ASE ratios)",
+    )
+    parser.add_argument(
+        "--free-space-replicas", type=int, default=8, help="replicas of the free-space comparison"
+    )
+    parser.add_argument(
+        "--free-space-steps", type=int, default=100, help="steps per timed free-space run"
+    )
+    parser.add_argument(
         "--only-free-space-edges",
         action="store_true",
         help="run only the free-space all-pairs vs cutoff-list comparison",
     )
     args = parser.parse_args(argv)
+    replicas = tuple(int(r) for r in args.replicas.split(",") if r.strip())
     jax.config.update("jax_enable_x64", False)
     n_steps = 100 if args.quick else 500
     repeats = 2 if args.quick else 3
     ase_steps = 50 if args.quick else 200
 
     results = {"device": str(jax.devices()[0]), "n_steps": n_steps, "systems": {}}
-    fse = bench_free_space_edges(repeats=repeats)
+    fse = bench_free_space_edges(
+        n_replicas=args.free_space_replicas, n_steps=args.free_space_steps, repeats=repeats
+    )
     results["free_space_edges"] = fse
     print(f"free-space edges ({fse['system']}, {fse['replicas']} replicas):")
     for name, row in fse.items():
@@ -383,12 +398,12 @@ def main(argv=None):
     for system in systems:
         n = len(system["species"])
         per_r = {}
-        for R in REPLICAS:
+        for R in replicas:
             row, _ = bench_md(system, R, n_steps, repeats)
             per_r[str(R)] = row
         ase_step = bench_ase(system, ase_steps)
         ase_atom_steps = n / ase_step
-        top = per_r[str(REPLICAS[-1])]
+        top = per_r[str(replicas[-1])]
         results["systems"][system["name"]] = {
             "n_atoms": n,
             "periodic": system["box"] is not None,
@@ -409,7 +424,7 @@ def main(argv=None):
             )
         print(
             f"{name:15s} ASE Langevin one replica: {res['ase_atom_steps_per_s']:.4g} atom-steps/s;"
-            f" speedup at R={REPLICAS[-1]}: {res['speedup_vs_ase']:.1f}x"
+            f" speedup at R={replicas[-1]}: {res['speedup_vs_ase']:.1f}x"
         )
     if args.out:
         os.makedirs(args.out, exist_ok=True)

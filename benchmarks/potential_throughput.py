@@ -2,7 +2,7 @@
 
 Cases (float32, randomly initialised models at their default/paper sizes):
   aspirin_b{1,32,128}: 21-atom aspirin, dense all-pairs edges, batches of 1,
-    32 and 128 frames via vmap (independently perturbed copies).
+    32 and 128 frames via vmap (independently perturbed copies; `--batches`).
   water_192: 64 water molecules (192 atoms) in a periodic 12.44287777 Å box;
     each evaluation includes the jax-md Sparse neighbour-list update, as one
     MD step would.
@@ -78,7 +78,7 @@ def _energy_forces(potential):
     return fn
 
 
-def benchmark_model(name: str, *, repeats: int, min_time: float) -> dict:
+def benchmark_model(name: str, *, repeats: int, min_time: float, batches=ASPIRIN_BATCHES) -> dict:
     config = factory.default_config(name)
     config.species = SPECIES
     potential = factory.build(config)
@@ -92,7 +92,7 @@ def benchmark_model(name: str, *, repeats: int, min_time: float) -> dict:
     edges = jnp.asarray(all_pairs_edges(species.size))
     species_j = jnp.asarray(species)
     rng = np.random.default_rng(0)
-    for batch in ASPIRIN_BATCHES:
+    for batch in batches:
         xs = jnp.asarray(x[None] + 0.02 * rng.normal(size=(batch, *x.shape)), jnp.float32)
 
         def batched(params, xs):
@@ -154,7 +154,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--models", default="schnet,nequip,gemnet_t")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--min-time", type=float, default=0.5, help="seconds per timed loop")
+    parser.add_argument(
+        "--batches",
+        default=",".join(map(str, ASPIRIN_BATCHES)),
+        help="comma list of aspirin batch sizes (frames per vmapped call)",
+    )
     args = parser.parse_args(argv)
+    batches = tuple(int(b) for b in args.batches.split(",") if b.strip())
 
     device = jax.devices()[0]
     report = {
@@ -170,7 +176,9 @@ def main(argv=None) -> dict:
             report["skipped"].append(name)
             print(f"skipping {name}: stablejax.potentials.{name} does not exist")
             continue
-        report["models"][name] = benchmark_model(name, repeats=args.repeats, min_time=args.min_time)
+        report["models"][name] = benchmark_model(
+            name, repeats=args.repeats, min_time=args.min_time, batches=batches
+        )
 
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "potential_throughput.json")

@@ -130,14 +130,14 @@ EOF
 
 if [[ "$SMOKE" == 1 ]]; then
   PAPER_ARGS=(--tiny)
-  MD_ARGS=(--quick --replicas "1,2" --free-space-replicas 2 --free-space-steps 10)
+  MD_ARGS=(--quick --systems lj_fluid,benzene_morse,free_space_edges --replicas "1,2" --free-space-replicas 2 --free-space-steps 10)
   POT_ARGS=(--batches "1,2" --repeats 1 --min-time 0.01)
   EST_ARGS=(--samples 16 --batch-size 8 --repeats 1)
   LJ_ARGS=(--quick --lengths 20 --seeds 1 --hidden 16 --train-iters 2 --time-limit 5)
   LIMITS=(60 180 400 120 150 200 240 0) # devices paper md schnet estimator nequip gemnet lj
 else
   PAPER_ARGS=()                          # the paper sizes: 128 x 2000, 256 x 1000, 950 QM frames
-  MD_ARGS=(--quick --replicas "1,128,1024" --free-space-replicas 128)
+  MD_ARGS=(--quick --systems lj_fluid,benzene_morse,free_space_edges --replicas "1,128,1024" --free-space-replicas 128)
   POT_ARGS=(--batches "1,128,1024" --repeats 3 --min-time 0.2)
   EST_ARGS=(--samples 2560 --batch-size 256 --repeats 3 --max-run-memory-gb 64)
   LJ_ARGS=(--quick --lengths 100 1000 --seeds 2 --hidden 128 128 128 128 128 --train-iters 30

@@ -39,6 +39,7 @@ import numpy as np
 
 from stablejax import stability
 from stablejax.logs import console_and_file, logger
+from stablejax.md.factory import INTEGRATORS  # the one list of integrator names
 
 #: Defaults per kind of system ('molecule', 'water', 'periodic'); see the module docstring.
 SYSTEM_DEFAULTS = {
@@ -64,7 +65,6 @@ SYSTEM_DEFAULTS = {
         "integrator": "nose_hoover",
     },
 }
-INTEGRATORS = ("nve", "langevin", "nose_hoover", "berendsen_npt")
 #: Structural observables of molecules (h(r), Å): as the aspirin experiment.
 MOLECULE_OBSERVABLES = {"r_max": 10.0, "dr": 0.02, "sigma": 0.01}
 

@@ -93,6 +93,8 @@ run_step() {
   printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$status" "$rc" "$wall" "$limit" "$copied" >>"$STEPS"
 }
 
+# Standalone on purpose: it must not import our package, whose import it checks (the
+# device fields repeat paper_epoch.device_info; keep the two in step).
 cat >"$WORK/devices.py" <<'EOF'
 import importlib
 import json

@@ -39,7 +39,7 @@ import numpy as np
 
 from stablejax import stability
 from stablejax.logs import console_and_file, logger
-from stablejax.md.factory import INTEGRATORS  # the one list of integrator names
+from stablejax.md.integrators import INTEGRATORS  # the one table of integrator names
 
 #: Defaults per kind of system ('molecule', 'water', 'periodic'); see the module docstring.
 SYSTEM_DEFAULTS = {
@@ -457,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: the data's, else 500 K molecules / 300 K periodic")  # fmt: skip
     p.add_argument("--dt-fs", type=_positive(float), default=None,
                    help="time step (default 0.5 fs molecules, 1 fs periodic)")  # fmt: skip
-    p.add_argument("--integrator", choices=INTEGRATORS, default=None,
+    p.add_argument("--integrator", choices=tuple(INTEGRATORS), default=None,
                    help="default: langevin for molecules, nose_hoover for periodic systems")  # fmt: skip
     p.add_argument("--friction-per-ps", type=float, default=0.1, help="Langevin friction (1/ps)")
     p.add_argument("--tau-fs", type=_positive(float), default=20.0,

@@ -126,3 +126,20 @@ def test_berendsen_npt_relaxes_lj_fluid_to_target_pressure():
     boxes = traj.box[:, -1]
     np.testing.assert_allclose(boxes[:, 0], boxes[:, 1], rtol=1e-12)
     assert np.all(np.abs(boxes[:, 0] - 17.0) > 0.1)
+
+
+def test_integrator_table_builds_every_integrator_from_md_fields():
+    """`md.INTEGRATORS` is the one table of names: each entry builds its dataclass with the
+    `md` fields it reads (the others are ignored), and unknown names are refused."""
+    fields = dict(dt_fs=0.7, tau_fs=33.0, friction_per_ps=0.2, chain_length=4,
+                  pressure_bar=2.0, tau_P_fs=900.0)  # fmt: skip
+    built = {name: md.make_integrator(name, **fields) for name in md.INTEGRATORS}
+    assert built["nve"] == md.NVE(dt_fs=0.7)
+    assert built["langevin"] == md.Langevin(dt_fs=0.7, friction_per_ps=0.2)
+    assert built["nose_hoover"] == md.NoseHooverChain(dt_fs=0.7, tau_fs=33.0, chain_length=4)
+    assert built["berendsen_npt"] == md.BerendsenNPT(
+        dt_fs=0.7, pressure_bar=2.0, tau_T_fs=33.0, tau_P_fs=900.0
+    )
+    assert set(built) == {"nve", "langevin", "nose_hoover", "berendsen_npt"}
+    with pytest.raises(ValueError, match="unknown integrator 'verlet'"):
+        md.make_integrator("verlet", dt_fs=1.0)

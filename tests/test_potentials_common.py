@@ -403,3 +403,17 @@ def test_factory_dispatches_pair_potentials():
     config = factory.default_config("lennard_jones")
     assert config.name == "lennard_jones"
     assert factory.build(config).name == "lennard_jones"
+
+
+def test_architectures_are_found_from_the_package_not_listed():
+    """`factory.ARCHITECTURES` holds exactly the modules that define `make_module` (so a new
+    architecture is one file); each builds, and pair potentials come from `pair.NAMES`."""
+    from stablejax.potentials import pair
+
+    assert set(factory.ARCHITECTURES) == {"schnet", "nequip", "gemnet_t"}
+    assert factory.MODEL_NAMES == factory.ARCHITECTURES + pair.NAMES
+    for name in factory.ARCHITECTURES:
+        config = factory.default_config(name)
+        assert config.name == name and config.cutoff > 0
+    with pytest.raises(ValueError, match="Unknown architecture 'painn'"):
+        factory.default_config("painn")

@@ -1,4 +1,5 @@
-"""MD objects from config: integrators by name, a replica-batched Simulator for a Potential.
+"""MD objects from config: a replica-batched Simulator for a Potential (integrators by name
+come from `stablejax.md.integrators.make_integrator`).
 
 The experiments, the StABlE trainer, `stablejax.evaluate` and the LJ reference all build
 their simulators here, from an `md`-style config block (units in the field names).
@@ -13,38 +14,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from stablejax.md.integrators import NVE, BerendsenNPT, Langevin, NoseHooverChain
+# The integrator table lives with the integrators; re-exported for `stablejax.md.factory` users.
+from stablejax.md.integrators import INTEGRATORS, make_integrator  # noqa: F401
 from stablejax.md.simulator import Simulator
 
 if TYPE_CHECKING:
     from stablejax.potentials.base import Potential
-
-#: Integrator names accepted by `make_integrator` (and the configs' `*.integrator`).
-INTEGRATORS = ("nve", "langevin", "nose_hoover", "berendsen_npt")
-
-
-def make_integrator(
-    kind: str,
-    *,
-    dt_fs: float,
-    tau_fs: float = 20.0,
-    friction_per_ps: float = 0.1,
-    chain_length: int = 3,
-    pressure_bar: float = 1.01325,
-    tau_P_fs: float = 2000.0,
-):
-    """An integrator of `stablejax.md` from its config name (units in the argument names)."""
-    if kind == "nve":
-        return NVE(dt_fs=dt_fs)
-    if kind == "langevin":
-        return Langevin(dt_fs=dt_fs, friction_per_ps=friction_per_ps)
-    if kind == "nose_hoover":
-        return NoseHooverChain(dt_fs=dt_fs, tau_fs=tau_fs, chain_length=chain_length)
-    if kind == "berendsen_npt":
-        return BerendsenNPT(
-            dt_fs=dt_fs, pressure_bar=pressure_bar, tau_T_fs=tau_fs, tau_P_fs=tau_P_fs
-        )
-    raise ValueError(f"unknown integrator {kind!r}; choose one of {INTEGRATORS}")
 
 
 def potential_energy_fn(potential: Potential, species) -> Callable:

@@ -35,7 +35,15 @@ from jax_md import simulate
 
 from stablejax import units
 
-__all__ = ["NVE", "Langevin", "NoseHooverChain", "BerendsenNPT", "Integrator"]
+__all__ = [
+    "INTEGRATORS",
+    "NVE",
+    "BerendsenNPT",
+    "Integrator",
+    "Langevin",
+    "NoseHooverChain",
+    "make_integrator",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +122,51 @@ class BerendsenNPT:
 
 
 Integrator = NVE | Langevin | NoseHooverChain | BerendsenNPT
+
+#: The integrators by config name (`md.integrator`, `eval.integrator`, the `--integrator`
+#: of `stablejax.evaluate`): each builds its dataclass from the `md` block's fields (the
+#: keyword arguments of `make_integrator`). The config checks and the dispatch both read
+#: this table; a new integrator is its dataclass, its branch in `make_step_pieces` and
+#: `validate`, and its line here, all in this file.
+INTEGRATORS = {
+    "nve": lambda s: NVE(dt_fs=s["dt_fs"]),
+    "langevin": lambda s: Langevin(dt_fs=s["dt_fs"], friction_per_ps=s["friction_per_ps"]),
+    "nose_hoover": lambda s: NoseHooverChain(
+        dt_fs=s["dt_fs"], tau_fs=s["tau_fs"], chain_length=s["chain_length"]
+    ),
+    "berendsen_npt": lambda s: BerendsenNPT(
+        dt_fs=s["dt_fs"],
+        pressure_bar=s["pressure_bar"],
+        tau_T_fs=s["tau_fs"],
+        tau_P_fs=s["tau_P_fs"],
+    ),
+}
+
+
+def make_integrator(
+    kind: str,
+    *,
+    dt_fs: float,
+    tau_fs: float = 20.0,
+    friction_per_ps: float = 0.1,
+    chain_length: int = 3,
+    pressure_bar: float = 1.01325,
+    tau_P_fs: float = 2000.0,
+) -> Integrator:
+    """The integrator called `kind` (a key of `INTEGRATORS`) from the `md` block's fields
+    (units in the argument names; each integrator reads the ones it has)."""
+    if kind not in INTEGRATORS:
+        raise ValueError(f"unknown integrator {kind!r}; choose one of {tuple(INTEGRATORS)}")
+    settings = dict(
+        dt_fs=dt_fs,
+        tau_fs=tau_fs,
+        friction_per_ps=friction_per_ps,
+        chain_length=chain_length,
+        pressure_bar=pressure_bar,
+        tau_P_fs=tau_P_fs,
+    )
+    return INTEGRATORS[kind](settings)
+
 
 _MAX_MOMENTUM_SCALE_CHANGE = 0.1
 _MAX_VOLUME_CHANGE = 0.01

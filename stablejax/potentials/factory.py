@@ -56,6 +56,9 @@ Params pytree: {'net': <flax variables>, 'energy_shift': [n_species] eV,
 from __future__ import annotations
 
 import importlib
+import os
+import pkgutil
+import re
 
 import flax.linen as nn
 import jax
@@ -64,6 +67,7 @@ import ml_collections
 import numpy as np
 
 from stablejax.geometry import cutoff_edges_np, perpendicular_widths
+from stablejax.potentials import pair as pair_potentials
 from stablejax.potentials.base import (
     Potential,
     all_pairs_edges,
@@ -71,10 +75,31 @@ from stablejax.potentials.base import (
     safe_norm,
 )
 
-#: Message-passing architectures built through the module contract above.
-ARCHITECTURES = ("schnet", "nequip", "gemnet_t")
-#: Pair potentials built by `stablejax.potentials.pair`.
-PAIR_POTENTIALS = ("lennard_jones", "pair_mlp")
+
+def _find_architectures() -> tuple[str, ...]:
+    """The modules of this package that define `make_module` (the contract above), found
+    from their source without importing them (importing all would load e3nn-jax and ASE).
+
+    A new architecture is one file, `stablejax/potentials/<name>.py`, plus its test:
+    nothing here lists the names."""
+    folder = os.path.dirname(os.path.abspath(__file__))
+    names = []
+    for info in pkgutil.iter_modules([folder]):
+        path = os.path.join(folder, f"{info.name}.py")
+        if info.ispkg or not os.path.exists(path):
+            continue
+        with open(path, encoding="utf-8") as f:
+            if re.search(r"^def make_module\(", f.read(), flags=re.MULTILINE):
+                names.append(info.name)
+    return tuple(sorted(names))
+
+
+#: Message-passing architectures built through the module contract above (found, not listed).
+ARCHITECTURES = _find_architectures()
+#: Pair potentials built by `stablejax.potentials.pair` (its own list of names).
+PAIR_POTENTIALS = pair_potentials.NAMES
+#: Every `config.model.name` that `build` accepts.
+MODEL_NAMES = ARCHITECTURES + PAIR_POTENTIALS
 
 #: Elements supported by default (H, C, N, O).
 DEFAULT_SPECIES = (1, 6, 7, 8)
@@ -82,9 +107,7 @@ DEFAULT_SPECIES = (1, 6, 7, 8)
 
 def _architecture_module(name: str):
     if name not in ARCHITECTURES:
-        raise ValueError(
-            f"Unknown architecture {name!r}; expected one of {ARCHITECTURES + PAIR_POTENTIALS}."
-        )
+        raise ValueError(f"Unknown architecture {name!r}; expected one of {MODEL_NAMES}.")
     return importlib.import_module(f"stablejax.potentials.{name}")
 
 
@@ -98,8 +121,7 @@ def default_config(name: str) -> ml_collections.ConfigDict:
       An unlocked ConfigDict; override fields, then pass it to `build`.
     """
     if name in PAIR_POTENTIALS:
-        pair = importlib.import_module("stablejax.potentials.pair")
-        return pair.default_config(name)
+        return pair_potentials.default_config(name)
     arch = _architecture_module(name)
     config = arch.default_config()
     if "cutoff" not in config:
@@ -126,8 +148,7 @@ def build(config: ml_collections.ConfigDict) -> Potential:
     """
     name = config.name
     if name in PAIR_POTENTIALS:
-        pair = importlib.import_module("stablejax.potentials.pair")
-        return pair.build(config)
+        return pair_potentials.build(config)
     arch = _architecture_module(name)
     module = arch.make_module(config, len(config.species))
     return from_module(module, config)

@@ -140,11 +140,11 @@ if [[ "$SMOKE" == 1 ]]; then
 else
   PAPER_ARGS=()                          # the paper sizes: 128 x 2000, 256 x 1000, 950 QM frames
   MD_ARGS=(--quick --systems lj_fluid,benzene_morse,free_space_edges --replicas "1,128,1024" --free-space-replicas 128)
-  POT_ARGS=(--batches "1,128,1024" --repeats 3 --min-time 0.2)
+  POT_ARGS=(--batches "1,128,1024" --repeats 2 --min-time 0.2)  # vmap and disjoint layouts
   EST_ARGS=(--samples 2560 --batch-size 256 --repeats 3 --max-run-memory-gb 64)
   LJ_ARGS=(--quick --lengths 100 1000 --seeds 2 --hidden 128 128 128 128 128 --train-iters 30
     --time-limit 20 --max-run-memory-gb 64)
-  LIMITS=(30 125 75 35 45 50 55 0)
+  LIMITS=(30 125 75 45 45 60 70 0)
 fi
 
 run_step devices "${LIMITS[0]}" "" "$PY" "$WORK/devices.py"

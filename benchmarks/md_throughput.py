@@ -606,18 +606,16 @@ def bench_md(system, R, n_steps, repeats, integrator=None, jax_md=False):
             refs[name] = ref
             runs[name] = call
             first[name] = call()  # compiles
-    # Bare batched energy+force evaluation of the same batch, same loop length.
+    # Bare batched energy+force evaluation of the same batch, same loop length, in the
+    # engine's own layout (`Simulator._batched_forces`: vmap, or passes of a few replicas
+    # on a CPU, `stablejax.batching`).
     edges = sim._edges(holder["state"])
     box = holder["state"].box
-    forces = jax.vmap(
-        sim._energy_force,
-        in_axes=(None, 0, sim._edges_in_axes(), None if box is None else 0),
-    )
 
     @jax.jit
     def bare(params, position):
         def body(_, r):
-            _, f, _ = forces(params, r, edges, box)
+            _, f, _ = sim._batched_forces(params, r, edges, box)
             return r + 1e-30 * f  # carried, so the loop body cannot be hoisted
 
         return jax.lax.fori_loop(0, n_steps, body, position)
@@ -871,13 +869,12 @@ def bench_free_space_edges(
 
     def force_fn(name):
         sim, state = sims[name], holders[name]["state"]
-        forces = jax.vmap(sim._energy_force, in_axes=(None, 0, sim._edges_in_axes(), None))
         edges = sim._edges(state)
 
         @jax.jit
         def bare(position):
             def body(_, r):
-                _, f, _ = forces(params, r, edges, None)
+                _, f, _ = sim._batched_forces(params, r, edges, None)
                 return r + 1e-30 * f  # carried, so the loop body cannot be hoisted
 
             return jax.lax.fori_loop(0, 10, body, position)

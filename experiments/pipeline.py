@@ -62,6 +62,24 @@ def log(msg: str) -> None:
     logger.info(msg)
 
 
+# Several processes (`jax.distributed`, `config.distributed`): every process runs the
+# whole study (data, pre-training and the baseline_plus control replicated; MD, StABlE
+# and evaluation replicas split over every device of every process by `replica_mesh`);
+# process 0 alone writes the workdir (config.json, data.json, metrics, models, figures,
+# reports); what one process finds on disk decides for all (`_exists`).
+
+
+def _main() -> bool:
+    """True in the process that writes the workdir (process 0; always with one process)."""
+    return sharding.is_main_process()
+
+
+def _exists(path) -> bool:
+    """`os.path.exists(path)` as process 0 sees it, on every process: whether a stage is
+    skipped is the same decision everywhere (a collective with several processes)."""
+    return bool(sharding.from_process_0(os.path.exists(path)))
+
+
 # ---------------------------------------------------------------------------------------------
 # Config checks (fail before any work)
 # ---------------------------------------------------------------------------------------------
@@ -269,13 +287,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     )
     # The replica counts must split evenly over the selected devices (no padding:
     # dummy replicas would change unstable fractions, resets and estimator samples).
-    need(
-        jax.process_count() == 1,
-        "distributed",
-        f"{jax.process_count()} processes: the library (md.Simulator, StableTrainer) runs "
-        "over several processes, but the pipeline's checkpoints and reports do not yet; use "
-        "one process with all of its node's devices",
-    )
     mesh = replica_mesh(config)
     sharding.check_divisible(md.n_replicas, mesh, field="md.n_replicas")
     sharding.check_divisible(config.eval.n_replicas, mesh, field="eval.n_replicas")
@@ -328,8 +339,9 @@ def load_data(config, workdir):
                 info["generator"] = json.load(f)
     dataset = load(path, **options)
     info.update(n_frames=dataset.n_frames, n_atoms=dataset.n_atoms, metadata=str(dataset.metadata))
-    with open(os.path.join(workdir, "data.json"), "w") as f:
-        json.dump(info, f, indent=2, default=str)
+    if _main():
+        with open(os.path.join(workdir, "data.json"), "w") as f:
+            json.dump(info, f, indent=2, default=str)
     return dataset
 
 
@@ -434,7 +446,7 @@ def baseline_plus_model(config, potential, baseline, train, val, workdir):
     """
     path = os.path.join(workdir, "models", "baseline_plus")
     info_path = path + ".json"
-    if os.path.exists(path) and os.path.exists(info_path):
+    if _exists(path) and _exists(info_path):
         _, params = model_io.load_model(path)
         log(f"baseline_plus model loaded from {path}")
         return params
@@ -445,12 +457,14 @@ def baseline_plus_model(config, potential, baseline, train, val, workdir):
     steps, seconds = learning_budget(history)
     pre_log = os.path.join(workdir, "pretrain", "metrics.jsonl")
     pre = read_metrics(pre_log) if os.path.exists(pre_log) else []
+    epoch_time = float(np.median([r["epoch_time_s"] for r in pre])) if pre else float("inf")
+    # Process 0's wall times decide the budget on every process.
+    steps, seconds, epoch_time = sharding.from_process_0((steps, seconds, epoch_time))
     info = {"stable_learning_steps": steps, "stable_learning_time_s": seconds}
     if steps == 0:
         params, info["chosen"], info["epochs"] = baseline, "baseline (no learning step ran)", 0
     else:
         steps_per_epoch = max(1, -(-train.n_frames // int(config.pretrain.batch_size)))
-        epoch_time = float(np.median([r["epoch_time_s"] for r in pre])) if pre else float("inf")
         epochs = max(-(-steps // steps_per_epoch), int(np.ceil(seconds / epoch_time)), 1)
         log(
             f"baseline_plus: {epochs} more QM epochs ({epochs * steps_per_epoch} steps; StABlE "
@@ -478,8 +492,9 @@ def baseline_plus_model(config, potential, baseline, train, val, workdir):
             else "baseline (continued training did not improve the validation force MAE)",
         )
         params = refit_shift(config, potential, params, train, "baseline_plus")
-    model_io.save_model(path, config.model, params, overwrite=True)
-    write_json(info_path, info)
+    model_io.save_model(path, config.model, params, overwrite=True)  # process 0 writes
+    if _main():
+        write_json(info_path, info)
     return params
 
 
@@ -580,8 +595,10 @@ def stable_train(config, potential, params, dataset, train, target, criterion, w
         f"up to {config.stable.max_epochs} epochs"
     )
     params = trainer.run()
+    if jax.process_count() > 1:  # replicated over every process's devices: local copies
+        params = jax.tree.map(jnp.asarray, sharding.to_host(params))
     history = trainer.history
-    if history:
+    if history and _main():
         plot_training_curves(
             history,
             ("unstable_fraction", "lr", "observable_loss", "qm_loss"),
@@ -673,7 +690,7 @@ def evaluate_models(
                     potential, params, test.subset(np.arange(n_test)), batch_size=8
                 )
             twin_traj = os.path.join(workdir, "eval" + suffix, twin, "traj")
-            if config.eval.trajectory_frames and os.path.isdir(twin_traj):
+            if config.eval.trajectory_frames and _main() and os.path.isdir(twin_traj):
                 shutil.copytree(
                     twin_traj, os.path.join(workdir, "eval" + suffix, name, "traj"),
                     dirs_exist_ok=True,
@@ -738,7 +755,7 @@ def evaluate_models(
         notes=notes,
         extra=extra,
     )
-    if _tensorboard_on(config):
+    if _tensorboard_on(config) and _main():
         _tensorboard_evaluation(os.path.join(out_dir, "tensorboard"), final)
     return final, out_dir
 
@@ -927,15 +944,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     redo = [
         k for k in changed if not k.startswith(_EXTRA_EVALUATION_FIELDS + ("preset", "reductions"))
     ]
-    if redo and os.path.exists(os.path.join(workdir, "eval")):
+    if redo and _exists(os.path.join(workdir, "eval")):
         previous = os.path.join(workdir, "previous_eval", time.strftime("%Y%m%d-%H%M%S"))
-        os.makedirs(os.path.dirname(previous), exist_ok=True)
-        os.replace(os.path.join(workdir, "eval"), previous)
+        if _main():
+            os.makedirs(os.path.dirname(previous), exist_ok=True)
+            os.replace(os.path.join(workdir, "eval"), previous)
         log(
             f"evaluation settings changed ({', '.join(redo)}): the evaluation runs again; the "
             f"previous one is in {previous}"
         )
-    write_config(config, workdir)
+    if _main():
+        write_config(config, workdir)
+    # Every process has read the workdir's config.json before process 0 moves on.
+    sharding.sync_processes("pipeline: config written")
     t0 = time.time()
     if config.get("precision", "float32") == "float64" and current_precision() != "float64":
         set_precision("float64")  # the command line sets it before any array is made
@@ -959,7 +980,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     models_dir = os.path.join(workdir, "models")
     base_path = os.path.join(models_dir, "baseline")
-    if os.path.exists(base_path):
+    if _exists(base_path):
         _, baseline = model_io.load_model(base_path)
         log(f"baseline model loaded from {base_path}")
     else:
@@ -970,7 +991,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     stable_path = os.path.join(models_dir, "stable")
     criterion = stability_criterion(config, system)
     target = observable_target(config, system, train)
-    if os.path.exists(stable_path):
+    if _exists(stable_path):
         _, stable_params = model_io.load_model(stable_path)
         log(f"StABlE model loaded from {stable_path}")
     else:
@@ -987,7 +1008,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         )
     out_dir = os.path.join(workdir, "eval")
     done_path = os.path.join(out_dir, "final_metrics.json")
-    if os.path.exists(done_path):
+    if _exists(done_path):
         # A finished evaluation is kept (delete eval/ to redo it); later presets such as
         # `transfer` reuse the trained models and only add their own evaluations.
         log(f"evaluation already done: {done_path}")
@@ -1059,11 +1080,12 @@ def run_seeds(config: ml_collections.ConfigDict, workdir: str, seeds) -> dict:
         wall[int(k)] = time.time() - t0
     summary = summarize_seeds(per_seed, wall_time_s=wall)
     summary["config"] = {"system": config.system, "preset": config.preset}
-    write_text(
-        os.path.join(workdir, "summary.md"),
-        summary_markdown(summary, title=f"{config.system} `{config.preset}`"),
-    )
-    write_json(os.path.join(workdir, "summary.json"), summary)
+    if _main():
+        write_text(
+            os.path.join(workdir, "summary.md"),
+            summary_markdown(summary, title=f"{config.system} `{config.preset}`"),
+        )
+        write_json(os.path.join(workdir, "summary.json"), summary)
     for name, m in summary["models"].items():
         lo, hi = m["median_stable_time_ps"]["interval_95"]
         log(
@@ -1272,7 +1294,7 @@ def lj_reference(config, workdir):
     box_len = (n / lj.density) ** (1.0 / 3.0) * lj.sigma
     box = np.full(3, box_len)
     path = os.path.join(workdir, "data", "lj_reference.npz")
-    if os.path.exists(path):
+    if _exists(path):
         with np.load(path) as f:
             return Dataset(species=f["species"], positions=f["positions"], box=f["box"],
                            source=path)  # fmt: skip
@@ -1298,14 +1320,16 @@ def lj_reference(config, workdir):
     state, traj = sim.run(params, state, per_replica * every, record_every=every)
     pos = np.asarray(traj.position).reshape(-1, n, 3)[: lj.reference_frames]
     pos = np.mod(pos, box_len)
-    np.savez(path, species=species, positions=pos, box=box)
+    if _main():
+        np.savez(path, species=species, positions=pos, box=box)
     return Dataset(species=species, positions=pos, box=box, source="full LJ (stablejax MD)")
 
 
 def run_lj(config, workdir) -> dict:
     dataset = lj_reference(config, workdir)
-    with open(os.path.join(workdir, "data.json"), "w") as f:
-        json.dump({"source": dataset.source, "n_frames": dataset.n_frames}, f, indent=2)
+    if _main():
+        with open(os.path.join(workdir, "data.json"), "w") as f:
+            json.dump({"source": dataset.source, "n_frames": dataset.n_frames}, f, indent=2)
     # Every LJ atom is its own molecule; no bonds.
     system = topo.System(dataset.species, dataset.box, molecules=np.arange(dataset.n_atoms))
     potential = factory.build(config.model)
@@ -1316,7 +1340,7 @@ def run_lj(config, workdir) -> dict:
     target = observable_target(config, system, dataset)
     models_dir = os.path.join(workdir, "models")
     stable_path = os.path.join(models_dir, "stable")
-    if os.path.exists(stable_path):
+    if _exists(stable_path):
         _, stable_params = model_io.load_model(stable_path)
     else:
         stable_params, _ = stable_train(

@@ -347,7 +347,10 @@ def _sym(z: int) -> str:
 
 
 def _write_trajectories(out_dir, kept, species, box, stable_time_ps) -> None:
-    """One extended-XYZ file per replica from the frames kept during evaluation."""
+    """One extended-XYZ file per replica from the frames kept during evaluation (by
+    process 0 alone with several processes: every process holds every replica's frames)."""
+    if jax.process_index() != 0:
+        return
     import ase
     import ase.io
 
@@ -840,13 +843,15 @@ def write_report(
     `paired`: (first, second) model names, each tested as "second vs first" with
     `paired_stable_time_test`; by default the model 'stable' (else the second model)
     against every other model.
+
+    With several processes (`jax.distributed`) every process returns the metrics and
+    process 0 alone writes the files.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    os.makedirs(out_dir, exist_ok=True)
     final = {}
     for name, res in results.items():
         m = res.summary()
@@ -875,7 +880,10 @@ def write_report(
             final["paired_test"] = next(iter(tests.values()))  # vs the first model
     if extra:
         final.update(extra)
+    if jax.process_index() != 0:
+        return final
 
+    os.makedirs(out_dir, exist_ok=True)
     figs = []
     # Survival curves.
     fig, ax = plt.subplots(figsize=(5, 3.5))

@@ -49,6 +49,9 @@ __all__ = [
     "to_host",
     "initialize_distributed",
     "runtime_info",
+    "is_main_process",
+    "from_process_0",
+    "sync_processes",
 ]
 
 REPLICA_AXIS = "replicas"
@@ -274,3 +277,68 @@ def runtime_info(mesh: Mesh | None) -> dict:
     n_devices = 1 if mesh is None else int(mesh.size)
     platform = jax.devices()[0].platform if mesh is None else mesh.devices.flat[0].platform
     return {"n_devices": n_devices, "n_processes": int(jax.process_count()), "platform": platform}
+
+
+# ---------------------------------------------------------------------------------------------
+# Several processes: one writer, one decision
+# ---------------------------------------------------------------------------------------------
+
+
+def is_main_process() -> bool:
+    """True in process 0 (always with one process): the one that writes reports, metrics,
+    figures, models and config.json; the others compute the same things and write nothing."""
+    return jax.process_index() == 0
+
+
+def from_process_0(tree: PyTree) -> PyTree:
+    """Process 0's value of ``tree`` on every process (a collective: every process calls
+    it in the same order); the identity with one process.
+
+    For values every process computes but that may differ between them: wall times,
+    what process 0 found on disk (``os.path.exists`` of a stage's output), results of
+    replicated training on hardware with non-deterministic reductions. Host-side
+    decisions taken from them are then the same everywhere, so no process skips a
+    collective the others run. Leaves keep their kind: jax arrays come back with their
+    sharding, NumPy arrays as NumPy, Python bool/int/float as such. Arrays split over
+    several processes are refused (they are one value already).
+    """
+    if jax.process_count() == 1:
+        return tree
+    from jax.experimental import multihost_utils
+
+    def host(x):
+        if isinstance(x, jax.Array):
+            if not (x.is_fully_addressable or x.is_fully_replicated):
+                raise ValueError("from_process_0: an array split over processes")
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(x)
+
+    leaves, treedef = jax.tree.flatten(tree)
+    values = [host(x) for x in leaves]
+    # As raw bytes: bitwise exact for every dtype (float64 without jax_enable_x64, bool).
+    raw = [np.ascontiguousarray(v).reshape(-1).view(np.uint8) for v in values]
+    got = multihost_utils.broadcast_one_to_all(raw)
+
+    def back(old, value, new):
+        new = np.asarray(new, np.uint8).view(value.dtype).reshape(value.shape)
+        if isinstance(old, jax.Array):
+            return _put(new, old.sharding) if not old.is_fully_addressable else jnp_put(new, old)
+        if isinstance(old, (bool, int, float)):
+            return type(old)(new)
+        if isinstance(old, np.generic):
+            return new[()]
+        return new
+
+    def jnp_put(new, old):  # a process-local array: back on its own device(s)
+        return jax.device_put(new, old.sharding)
+
+    return jax.tree.unflatten(treedef, [back(*x) for x in zip(leaves, values, got, strict=True)])
+
+
+def sync_processes(name: str) -> None:
+    """Waits until every process reaches this point (e.g. after process 0 wrote a file
+    the others read next); nothing with one process."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

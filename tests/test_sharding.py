@@ -9,6 +9,7 @@ check correctness, not speed (see benchmarks/scaling.py).
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -140,3 +141,148 @@ def test_two_processes_give_the_parameters_of_one(tmp_path):
     assert n > 0
     for i in range(n):
         np.testing.assert_allclose(params[f"both_{i}"], params[f"alone_{i}"], rtol=1e-9, atol=1e-12)
+
+
+# --- the experiment pipeline over several processes ----------------------------------------
+
+REPO = os.path.dirname(HERE)
+
+
+def _pipeline(workdir, data, *, n_devices, process=None, port=None, extra=()):
+    """`python -m experiments.aspirin` on the `test` preset (ethanol data, no baseline_plus,
+    no trajectory files: fewer programs to compile) as one process with `n_devices`
+    forced host devices, or as process `process` of 2 (`--config.distributed=explicit`)."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_ENABLE_X64"}
+    env.update(
+        XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={n_devices}".strip(),
+        JAX_PLATFORMS="cpu",
+    )
+    cache = os.environ.get("STABLEJAX_TEST_JAX_CACHE", "")
+    cmd = [
+        sys.executable, "-m", "experiments.aspirin",
+        "--config=experiments/configs/aspirin.py:test", f"--workdir={workdir}",
+        f"--config.data.path={data}", "--config.data.energy_unit=eV",
+        "--config.eval.baseline_plus=False", "--config.eval.trajectory_frames=0",
+        f"--config.compilation_cache={cache}", *extra,
+    ]  # fmt: skip
+    if process is not None:
+        cmd += [
+            "--config.distributed=explicit",
+            f"--config.cluster.coordinator_address=localhost:{port}",
+            "--config.cluster.num_processes=2",
+            f"--config.cluster.process_id={process}",
+        ]
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def _finish(procs, timeout=900):
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=timeout)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    assert all(p.returncode == 0 for p in procs), "\n\n".join(x[-6000:] for x in logs)
+    return logs
+
+
+def _two_processes(workdir, data):
+    port = _free_port()
+    _finish([_pipeline(workdir, data, n_devices=2, process=k, port=port) for k in (0, 1)])
+
+
+def _assert_metrics_close(got, want, path="final_metrics"):
+    """Equal structure; numbers within float32 rounding of sums split over devices."""
+    if isinstance(want, dict):
+        assert set(got) == set(want), path
+        for k in want:
+            _assert_metrics_close(got[k], want[k], f"{path}.{k}")
+    elif isinstance(want, list):
+        assert len(got) == len(want), path
+        for i, (a, b) in enumerate(zip(got, want, strict=True)):
+            _assert_metrics_close(a, b, f"{path}[{i}]")
+    elif isinstance(want, float) and isinstance(got, float):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7, err_msg=path)
+    else:
+        assert got == want, path
+
+
+def _jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def ethanol_npz(tmp_path_factory):
+    from test_stable_training import harmonic_bond_dataset
+
+    from stablejax.data import write_sgdml_npz
+
+    path = tmp_path_factory.mktemp("data") / "ethanol.npz"
+    write_sgdml_npz(path, harmonic_bond_dataset(n_frames=40), energy_unit="eV")
+    return path
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory, ethanol_npz):
+    """A finished 2-process x 2-device workdir of the aspirin `test` study."""
+    two = tmp_path_factory.mktemp("pipeline") / "two"
+    _two_processes(two, ethanol_npz)
+    return two
+
+
+# Compile-bound: ~200 programs per process; JAX's persistent cache (the session's,
+# STABLEJAX_TEST_JAX_CACHE) serves process 0 but not process 1. ~100 s with a warm cache
+# on 2 busy cores, ~160 s cold.
+def test_pipeline_over_two_processes_equals_one(tmp_path, ethanol_npz, two_process_run):
+    """The aspirin `test` study over 2 processes x 2 devices (`jax.distributed`, gloo)
+    gives the final metrics of 1 process x 4 devices (float32 sums split differently:
+    rtol 1e-4); config.json and stable/metrics.jsonl record 2 processes and 4 devices;
+    process 0 alone writes (one line per epoch, log.txt; process 1 its own log)."""
+    one, two = tmp_path / "one", two_process_run
+    _finish([_pipeline(one, ethanol_npz, n_devices=4)])
+    want = json.loads((one / "eval" / "final_metrics.json").read_text())
+    got = json.loads((two / "eval" / "final_metrics.json").read_text())
+    _assert_metrics_close(got, want)
+    runtime = json.loads((two / "config.json").read_text())["runtime"]
+    assert runtime["n_processes"] == 2 and runtime["n_devices"] == 4, runtime
+    records = _jsonl(two / "stable" / "metrics.jsonl")
+    epochs = [r["epoch"] for r in records]
+    assert epochs == list(range(1, len(epochs) + 1)) and epochs, epochs  # written once
+    assert all(r["n_processes"] == 2 and r["n_devices"] == 4 for r in records)
+    pre = [r["epoch"] for r in _jsonl(two / "pretrain" / "metrics.jsonl")]
+    assert pre == list(range(1, len(pre) + 1)) and pre, pre
+    assert (two / "log.txt").exists() and (two / "log.process1.txt").exists()
+    assert "data: 40 frames" in (two / "log.process1.txt").read_text()
+    assert not list(two.rglob(".*.tmp*")), "a temporary file was left behind"
+
+
+# Two more runs (~80 s with a warm cache): opt in with `pytest -m slow`.
+@pytest.mark.slow
+def test_pipeline_over_two_processes_resumes_on_two_or_one(tmp_path, ethanol_npz, two_process_run):
+    """Resumed from its StABlE checkpoint of epoch 3 (arrays split over both processes),
+    the 2-process study ends with the same metrics and no repeated epoch, over 2
+    processes again and over 1 process x 4 devices."""
+    want = json.loads((two_process_run / "eval" / "final_metrics.json").read_text())
+    epochs = [r["epoch"] for r in _jsonl(two_process_run / "stable" / "metrics.jsonl")]
+    for processes in (2, 1):
+        run = tmp_path / f"resumed_on_{processes}"
+        shutil.copytree(two_process_run, run)
+        checkpoints = run / "stable" / "checkpoints"
+        last = max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+        assert last == len(epochs)
+        for path in (run / "eval", run / "models" / "stable", checkpoints / str(last)):
+            shutil.rmtree(path)
+        if processes == 2:
+            _two_processes(run, ethanol_npz)
+        else:
+            _finish([_pipeline(run, ethanol_npz, n_devices=4)])
+        log = (run / "log.txt").read_text()
+        assert "QM pre-training on" not in log.split("precision:")[-1]  # baseline reused
+        got = json.loads((run / "eval" / "final_metrics.json").read_text())
+        _assert_metrics_close(got, want)
+        assert [r["epoch"] for r in _jsonl(run / "stable" / "metrics.jsonl")] == epochs

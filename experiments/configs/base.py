@@ -39,8 +39,10 @@ def base_config() -> ml_collections.ConfigDict:
     # Several processes or hosts (`jax.distributed.initialize`, called by the command
     # line before anything else): "" one process; "auto": JAX reads the cluster
     # environment (SLURM, Open MPI, ...); "explicit": the `cluster` fields below.
-    # The library (Simulator, StableTrainer) runs over several processes; the pipeline
-    # (checkpoints, reports) does not yet and refuses to start (see README).
+    # Pass it (and `cluster.*`) on the command line: they start `jax.distributed` before
+    # this file loads. Every process runs the study (data and pre-training replicated,
+    # replicas split over all processes' devices); process 0 writes the workdir, which
+    # must be on a filesystem every process sees (README: "Several GPUs or nodes").
     c.distributed = ""
     c.cluster = ml_collections.ConfigDict()
     c.cluster.coordinator_address = ""  # "host:port" of process 0

@@ -24,7 +24,7 @@ import numpy as np
 from jax import lax
 from jax_md import dataclasses
 
-from stablejax import geometry, units
+from stablejax import batching, geometry, units
 from stablejax import sharding as _sharding
 from stablejax.md import integrators as _integrators
 from stablejax.md import neighbors as _neighbors
@@ -196,6 +196,11 @@ class Simulator:
       mesh: a ``stablejax.sharding.replica_mesh`` to split the replicas (state,
         neighbour lists, recorded frames) over several devices, or None for one
         device. The replica count must be a multiple of the device count.
+      replicas_per_pass: replicas whose forces are evaluated together (0: all of
+        them in one vmapped call on an accelerator or a mesh, one at a time on a
+        CPU, where that keeps the model's working set in cache; see
+        ``stablejax.batching``). Trajectories do not depend on it beyond
+        floating-point rounding.
 
     Attributes:
       num_traces: how many times a chunk function has been traced (compiled).
@@ -219,6 +224,7 @@ class Simulator:
         history_depth: int = 4,
         neighbor_capacity: int | None = None,
         mesh=None,
+        replicas_per_pass: int = 0,
     ):
         integrator = _integrators.Langevin() if integrator is None else integrator
         _integrators.validate(integrator)
@@ -284,6 +290,7 @@ class Simulator:
         self.num_reallocations = 0
         self._capacity = 0 if neighbor_capacity is None else int(neighbor_capacity)
         self.mesh = mesh
+        self.replicas_per_pass = int(replicas_per_pass)
         self._npt = isinstance(integrator, _integrators.BerendsenNPT)
         self.free_space_edges = free_space_edges
         # Neighbour lists in the state: periodic runs and free-space cutoff lists.
@@ -319,10 +326,29 @@ class Simulator:
         return None if self._free_edges is not None else 0
 
     def _batched_forces(self, params, position, edges, box):
-        box_axes = None if box is None else 0
-        return jax.vmap(self._energy_force, in_axes=(None, 0, self._edges_in_axes(), box_axes))(
-            params, position, edges, box
-        )
+        """(energies [R], forces [R, n, 3], virials [R] | None) of every replica: one
+        vmapped call on an accelerator or over a device mesh, a few replicas per pass on a
+        CPU (`stablejax.batching`; 77 -> 35 ms for 8 waters of the quick SchNet)."""
+        n_replicas = position.shape[0]
+        per_pass = n_replicas
+        if self.mesh is None:
+            per_pass = batching.frames_per_pass(
+                n_replicas, self.replicas_per_pass, edges_per_frame=edges.shape[-1]
+            )
+        if per_pass >= n_replicas:
+            box_axes = None if box is None else 0
+            in_axes = (None, 0, self._edges_in_axes(), box_axes)
+            return jax.vmap(self._energy_force, in_axes=in_axes)(params, position, edges, box)
+        xs = {"position": position}
+        if self._edges_in_axes() == 0:
+            xs["edges"] = edges
+        if box is not None:
+            xs["box"] = box
+
+        def one(x):
+            return self._energy_force(params, x["position"], x.get("edges", edges), x.get("box"))
+
+        return batching.map_frames(one, xs, per_pass=per_pass)
 
     def _edges(self, state):
         if self._free_edges is not None:

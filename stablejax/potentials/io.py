@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from stablejax import sharding as _sharding
 from stablejax.potentials import factory
 from stablejax.potentials.base import Potential
 
@@ -51,8 +52,16 @@ def save_model(path, potential_or_config, params, *, overwrite: bool = False) ->
 
     Returns:
       The absolute path written.
+
+    With several processes (`jax.distributed`) only process 0 writes (params must be
+    whole on every process: process-local or replicated arrays); the others return
+    the path at once.
     """
     path = os.path.abspath(os.fspath(path))
+    if jax.process_count() > 1:
+        params = _sharding.to_host(params)  # replicated over processes: no collective
+        if jax.process_index() != 0:
+            return path
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
     # Atomic: everything is written into a temporary sibling directory that is renamed
@@ -66,13 +75,28 @@ def save_model(path, potential_or_config, params, *, overwrite: bool = False) ->
     meta = {"format": FORMAT, "version": VERSION, "config": config.to_dict()}
     with open(os.path.join(tmp, "model.json"), "w") as f:
         json.dump(meta, f, indent=2, default=_json_default)
-    params = jax.tree.map(jnp.asarray, params)
-    with ocp.StandardCheckpointer() as checkpointer:
+    if jax.process_count() == 1:
+        params = jax.tree.map(jnp.asarray, params)
+    # (else NumPy: orbax refuses jax arrays of one process's devices in a multi-process run)
+    with _checkpointer() as checkpointer:
         checkpointer.save(os.path.join(tmp, "params"), params)
     if os.path.exists(path):
         shutil.rmtree(path)
     os.replace(tmp, path)
     return path
+
+
+def _checkpointer() -> ocp.StandardCheckpointer:
+    """orbax's checkpointer for this process alone: a model is written by process 0 and
+    read by each process on its own, with no barrier between processes."""
+    if jax.process_count() == 1:
+        return ocp.StandardCheckpointer()
+    me = jax.process_index()
+    return ocp.StandardCheckpointer(
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            primary_host=me, active_processes={me}
+        )
+    )
 
 
 def _json_default(x):
@@ -114,7 +138,7 @@ def load_model(path) -> tuple[Potential, dict]:
     """
     config = load_config(path)
     potential = factory.build(config)
-    with ocp.StandardCheckpointer() as checkpointer:
+    with _checkpointer() as checkpointer:
         params = checkpointer.restore(os.path.join(os.path.abspath(os.fspath(path)), "params"))
     params = jax.tree.map(jnp.asarray, params)
     return potential, params

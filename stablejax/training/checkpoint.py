@@ -23,6 +23,16 @@ it), so a crash mid-save leaves the previous checkpoint intact; a checkpoint tha
 cannot be read (truncated metadata, damaged array files, a checksum mismatch) is
 moved aside by `restore_latest`, which falls back to the previous one.
 
+Several processes (`jax.distributed`): every process calls `save` and `restore` (they
+are collectives) with the same state, and orbax's multi-host saving writes it once:
+arrays split over the processes' devices (the replicas' MD state) are written shard by
+shard, each process its own; values every process holds whole (NumPy, Python scalars,
+arrays on a process's own devices, which the replicated computation makes equal
+everywhere: QM pre-training, counters) are written by process 0 only. Checksums are of
+the whole arrays (gathered). A checkpoint stores global arrays, so a run may resume
+with another number of processes or devices: the arrays are read into the template's
+placement. The directory must be one that every process sees (a shared filesystem).
+
 Example:
   >>> ckpt = CheckpointManager(workdir / "checkpoints", max_to_keep=3)
   >>> restored = ckpt.restore_latest(state)   # None on a fresh run
@@ -100,12 +110,36 @@ def _storable(leaf):
     return leaf
 
 
+def _several_processes() -> bool:
+    return jax.process_count() > 1
+
+
+def _process_local(x) -> bool:
+    """A jax array on this process's own devices only, with several processes."""
+    return _several_processes() and isinstance(x, jax.Array) and x.is_fully_addressable
+
+
 def _describe(tree) -> tuple[dict[str, str], Any]:
     """({key path: kind}, the tree as orbax stores it)."""
     kinds = {
         jax.tree_util.keystr(p): _kind(p, x) for p, x in jax.tree_util.tree_leaves_with_path(tree)
     }
-    return kinds, jax.tree.map(_storable, tree)
+    stored = jax.tree.map(_storable, tree)
+    if _several_processes():
+        # Process-local arrays hold the same value in every process: as host values,
+        # orbax writes them from process 0 alone (as a jax array each process would
+        # write the "same" global array).
+        stored = jax.tree.map(lambda x: np.asarray(x) if _process_local(x) else x, stored)
+    return kinds, stored
+
+
+def _whole(x):
+    """The whole value of a leaf on the host (gathered from every process: a collective)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from stablejax.sharding import to_host
+
+        return to_host(x)
+    return np.asarray(x)
 
 
 class CheckpointManager:
@@ -163,7 +197,7 @@ class CheckpointManager:
             "treedef": str(jax.tree_util.tree_structure(state)),
             "kinds": kinds,
             "checksums": {
-                jax.tree_util.keystr(p): [_checksum(x), str(np.asarray(x).dtype)]
+                jax.tree_util.keystr(p): [_checksum(_whole(x)), str(np.dtype(x.dtype))]
                 for p, x in jax.tree_util.tree_leaves_with_path(stored)
                 if not isinstance(x, (bool, int, float))
             },
@@ -249,15 +283,19 @@ class CheckpointManager:
         for path, value in jax.tree_util.tree_leaves_with_path(restored):
             name = jax.tree_util.keystr(path)
             crc, dtype = meta["checksums"].get(name, (None, None))
-            if crc is None or str(np.asarray(value).dtype) != dtype:
-                continue  # a Python scalar, or restored into another dtype on purpose
-            if _checksum(value) != crc:
+            if crc is None or isinstance(value, (bool, int, float)):
+                continue  # a Python scalar
+            if str(np.dtype(value.dtype)) != dtype:
+                continue  # restored into another dtype on purpose
+            if _checksum(_whole(value)) != crc:
                 raise ValueError(
                     f"checkpoint step {step} in {self.directory}: array {name} does not match "
                     "its checksum (corrupted on disk)"
                 )
 
         def back(leaf, value):
+            if _process_local(leaf):  # read as a host value (see _describe)
+                value = jax.device_put(value, leaf.sharding)
             if _is_typed_key(leaf):
                 return jax.random.wrap_key_data(value, impl=jax.random.key_impl(leaf))
             if isinstance(leaf, (bool, int, float)):
@@ -298,10 +336,15 @@ class CheckpointManager:
                     stacklevel=2,
                 )
                 _quiet_orbax_read_failures()
-                if os.path.exists(bad):
+                # Several processes fail on the same files (a shared filesystem): process
+                # 0 moves them aside while the others wait.
+                from stablejax.sharding import is_main_process, sync_processes
+
+                if is_main_process() and os.path.exists(bad):
                     if os.path.exists(aside):
                         shutil.rmtree(aside)
                     os.replace(bad, aside)
+                sync_processes(f"checkpoint {bad} moved aside")
                 self._manager.reload()
         raise first_error
 

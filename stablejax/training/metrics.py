@@ -77,6 +77,10 @@ class MetricsWriter:
       step_key: the record field holding the step (epoch) number.
       tensorboard: also write each record's numeric fields as TensorBoard scalars
         (step = `record[step_key]`) into `<folder of path>/tensorboard/`.
+
+    With several processes (`jax.distributed`) only process 0 writes (the file and
+    TensorBoard); the others keep their records in memory, so `records()` answers
+    the same everywhere.
     """
 
     def __init__(
@@ -87,8 +91,18 @@ class MetricsWriter:
         step_key: str = "epoch",
         tensorboard: bool = False,
     ):
+        import jax
+
         self.path = os.fspath(path)
         self.step_key = step_key
+        self._file = self._tb = None
+        self._records = None  # in memory, processes other than 0 only
+        if jax.process_index() != 0:
+            records = read_metrics(self.path) if os.path.exists(self.path) else []
+            if resume_step is not None:
+                records = [r for r in records if r.get(step_key, -math.inf) <= resume_step]
+            self._records = records
+            return
         self._tb = (
             tensorboard_writer(
                 os.path.join(os.path.dirname(os.path.abspath(self.path)), "tensorboard")
@@ -113,13 +127,23 @@ class MetricsWriter:
         """Appends `record` (NumPy/jax scalars become Python numbers) and flushes."""
         values = _to_json_value(dict(record))
         line = json.dumps(values)
+        if self._records is not None:  # not process 0: nothing written
+            self._records.append(json.loads(line))
+            return
         self._file.write(line + "\n")
         self._file.flush()
         if self._tb is not None:
             write_scalars(self._tb, values, step=int(values.get(self.step_key, 0)))
 
+    def records(self) -> list[dict]:
+        """Every record of the run so far (earlier sessions' too), oldest first."""
+        if self._records is not None:
+            return [dict(r) for r in self._records]
+        return read_metrics(self.path)
+
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()
 

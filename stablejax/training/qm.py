@@ -52,12 +52,12 @@ import ml_collections
 import numpy as np
 import optax
 
-from stablejax import geometry
+from stablejax import batching, geometry, sharding
 from stablejax.data.dataset import Dataset
 from stablejax.potentials import normalization
 from stablejax.potentials.base import Potential, all_pairs_edges
 from stablejax.training.checkpoint import CheckpointManager
-from stablejax.training.metrics import MetricsWriter, format_metrics, progress_bar, read_metrics
+from stablejax.training.metrics import MetricsWriter, format_metrics, progress_bar
 
 PyTree = Any
 
@@ -297,18 +297,18 @@ def _batch_indices(n_frames: int, batch_size: int, order: np.ndarray | None = No
 
 
 def _predict(potential: Potential, params, frames: QMFrames, idx: jax.Array):
-    """Energies [B] eV and forces [B, n, 3] eV/Å of frames `idx` (vmapped)."""
-    positions = frames.positions[idx]
+    """Energies [B] eV and forces [B, n, 3] eV/Å of frames `idx` (`batching.map_frames`:
+    one vmapped call on an accelerator, frame by frame on a CPU)."""
+    xs = {"position": frames.positions[idx]}
     if frames.edges.ndim == 3:
-        edges = frames.edges[idx]
-        edges_axis = 0
-    else:
-        edges, edges_axis = frames.edges, None
+        xs["edges"] = frames.edges[idx]
 
-    def one(pos, e):
-        return potential.energy_and_forces(params, frames.species, pos, e, frames.box)
+    def one(x):
+        edges = x["edges"] if "edges" in x else frames.edges
+        return potential.energy_and_forces(params, frames.species, x["position"], edges, frames.box)
 
-    return jax.vmap(one, in_axes=(0, edges_axis))(positions, edges)
+    per_pass = batching.frames_per_pass(len(idx), edges_per_frame=frames.edges.shape[-1])
+    return batching.map_frames(one, xs, per_pass=per_pass)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,13 +323,77 @@ class QMLossAux(NamedTuple):
     force_mse: jax.Array  # (eV/Å)^2 per component
 
 
+@dataclasses.dataclass(frozen=True)
+class QMLoss:
+    """The energy-and-force loss L_QM (Eq. 1) over a weighted batch of frames
+    (`make_qm_loss` builds it).
+
+    `loss(params, frames, idx [B] int, weight [B]) -> (loss, QMLossAux)` is the weighted
+    mean over the frames `idx` of `frames` (weight 0 marks padding), differentiable with
+    `jax.value_and_grad(..., has_aux=True)`; `loss.value_and_grad(params, frames, idx,
+    weight) -> ((loss, aux), grads)` gives the same, frame by frame on a CPU
+    (`stablejax.batching`: 2-2.6x faster there), and is what the trainers call.
+    """
+
+    potential: Potential
+    energy_weight: float = 1.0
+    force_weight: float = 100.0
+    per_atom_energy: bool = False
+    frames_per_pass: int = 0  # 0: `batching.frames_per_pass`'s choice for the device
+
+    def _inputs(self, frames: QMFrames, idx, weight) -> dict:
+        weight = jnp.asarray(weight, frames.positions.dtype)
+        xs = {
+            "position": frames.positions[idx],
+            "energy": frames.energies[idx],
+            "force": frames.forces[idx],
+            "share": weight / jnp.maximum(jnp.sum(weight), 1.0),  # of the weighted mean
+        }
+        if frames.edges.ndim == 3:
+            xs["edges"] = frames.edges[idx]
+        return xs
+
+    def _frame(self, params, frames: QMFrames, x: dict):
+        """One frame's share of (loss, QMLossAux)."""
+        edges = x["edges"] if "edges" in x else frames.edges
+        energy, forces = self.potential.energy_and_forces(
+            params, frames.species, x["position"], edges, frames.box
+        )
+        de = energy - x["energy"]
+        if self.per_atom_energy:
+            de = de / frames.n_atoms
+        energy_mse = x["share"] * de**2
+        force_mse = x["share"] * jnp.mean((forces - x["force"]) ** 2)
+        loss = self.energy_weight * energy_mse + self.force_weight * force_mse
+        return loss, QMLossAux(energy_mse=energy_mse, force_mse=force_mse)
+
+    def __call__(self, params, frames: QMFrames, idx, weight):
+        values, aux = jax.vmap(lambda x: self._frame(params, frames, x))(
+            self._inputs(frames, idx, weight)
+        )
+        return jnp.sum(values), jax.tree.map(jnp.sum, aux)
+
+    def value_and_grad(self, params, frames: QMFrames, idx, weight):
+        """((loss, QMLossAux), grads) of `self(params, frames, idx, weight)`."""
+        per_pass = batching.frames_per_pass(
+            len(idx), self.frames_per_pass, edges_per_frame=frames.edges.shape[-1]
+        )
+        return batching.summed_value_and_grad(
+            lambda p, x: self._frame(p, frames, x),
+            params,
+            self._inputs(frames, idx, weight),
+            per_pass=per_pass,
+        )
+
+
 def make_qm_loss(
     potential: Potential,
     *,
     energy_weight: float = 1.0,
     force_weight: float = 100.0,
     per_atom_energy: bool = False,
-) -> Callable:
+    frames_per_pass: int = 0,
+) -> QMLoss:
     """The energy-and-force loss L_QM (Eq. 1) over a weighted batch of frames.
 
     Args:
@@ -337,32 +401,25 @@ def make_qm_loss(
       energy_weight: w_E (1/eV^2).
       force_weight: w_F (1/(eV/Å)^2).
       per_atom_energy: compare E/n instead of E.
+      frames_per_pass: frames through the model at once in `value_and_grad`
+        (0: all on an accelerator, 1 on a CPU; `stablejax.batching`).
 
     Returns:
-      `loss_fn(params, frames, idx [B] int, weight [B]) -> (loss, QMLossAux)`:
-      the weighted mean over the frames `idx` of `frames` (weight 0 marks
-      padding). Differentiate it with `jax.value_and_grad(..., has_aux=True)`.
+      A `QMLoss`: `loss_fn(params, frames, idx [B] int, weight [B]) -> (loss, QMLossAux)`,
+      the weighted mean over the frames `idx` of `frames` (weight 0 marks padding), and
+      `loss_fn.value_and_grad(params, frames, idx, weight) -> ((loss, aux), grads)`.
 
     Example:
       >>> loss_fn = make_qm_loss(potential, energy_weight=1.0, force_weight=100.0)
-      >>> (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      ...     params, frames, idx, weight)
+      >>> (loss, aux), grads = loss_fn.value_and_grad(params, frames, idx, weight)
     """
-
-    def loss_fn(params, frames: QMFrames, idx, weight):
-        energies, forces = _predict(potential, params, frames, idx)
-        weight = jnp.asarray(weight, energies.dtype)
-        norm = jnp.maximum(jnp.sum(weight), 1.0)
-        de = energies - frames.energies[idx]
-        if per_atom_energy:
-            de = de / frames.n_atoms
-        df = forces - frames.forces[idx]
-        energy_mse = jnp.sum(weight * de**2) / norm
-        force_mse = jnp.sum(weight * jnp.mean(df**2, axis=(1, 2))) / norm
-        loss = energy_weight * energy_mse + force_weight * force_mse
-        return loss, QMLossAux(energy_mse=energy_mse, force_mse=force_mse)
-
-    return loss_fn
+    return QMLoss(
+        potential=potential,
+        energy_weight=float(energy_weight),
+        force_weight=float(force_weight),
+        per_atom_energy=bool(per_atom_energy),
+        frames_per_pass=int(frames_per_pass),
+    )
 
 
 def make_qm_gradient(
@@ -394,9 +451,7 @@ def make_qm_gradient(
     def build():
         @jax.jit
         def batch_grad(params, frames, idx, weight):
-            (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-                params, frames, idx, weight
-            )
+            (loss, _), grads = loss_fn.value_and_grad(params, frames, idx, weight)
             return loss, grads
 
         return batch_grad
@@ -613,7 +668,7 @@ def _make_train_step(potential: Potential, cfg, optimizer):
 
     @jax.jit
     def train_step(params, opt_state, ema_params, frames, idx, weight, scale, step):
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, frames, idx, weight)
+        (loss, aux), grads = loss_fn.value_and_grad(params, frames, idx, weight)
         # Adam with the warm-up schedule (optax), times the plateau rule's scale.
         updates, opt_state = optimizer.update(grads, opt_state, params)
         updates = jax.tree.map(lambda u: (scale * u).astype(u.dtype), updates)
@@ -827,7 +882,7 @@ def train_qm(
             tensorboard=cfg.tensorboard,
         )
 
-    history = read_metrics(writer.path) if writer is not None else []
+    history = writer.records() if writer is not None else []
     bar = progress_bar(
         cfg.epochs,
         desc="QM pre-training",
@@ -853,6 +908,11 @@ def train_qm(
                 val_frames=val_frames,
             )
             state = state.replace(time_s=np.asarray(float(state.time_s) + time.perf_counter() - t0))
+            # Several processes (`jax.distributed`) each train the same model on the same
+            # frames (replicated, not data-parallel); process 0's state is everyone's, so
+            # early stopping, the time budget and the parameters agree even where
+            # reductions are not bitwise reproducible (GPUs).
+            state = sharding.from_process_0(state)
             record.update(
                 epoch_time_s=time.perf_counter() - t0,
                 time_s=float(state.time_s),

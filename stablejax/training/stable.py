@@ -60,7 +60,7 @@ from stablejax.md.factory import make_simulator
 from stablejax.potentials.base import Potential, all_pairs_edges
 from stablejax.stability import StabilityCriterion
 from stablejax.training.checkpoint import CheckpointManager
-from stablejax.training.metrics import MetricsWriter, progress_bar, read_metrics
+from stablejax.training.metrics import MetricsWriter, progress_bar
 from stablejax.training.qm import QMFrames, cutoff_edges, make_qm_loss
 
 PyTree = Any
@@ -212,12 +212,20 @@ def make_learning_step(
     if qm_weight > 0 and (qm_loss is None or qm_frames is None):
         raise ValueError("qm_weight > 0 needs qm_loss and qm_frames")
 
+    # A `qm.QMLoss` accumulates its gradient frame by frame on a CPU (`stablejax.batching`);
+    # any other loss function is differentiated as a whole.
+    qm_grad = None
+    if qm_loss is not None:
+        qm_grad = getattr(qm_loss, "value_and_grad", None) or jax.value_and_grad(
+            qm_loss, has_aux=True
+        )
+
     def qm_value_and_grad(params, qm_idx, qm_w):
         total = jnp.maximum(jnp.sum(qm_w), 1.0)
 
         def chunk(acc, xs):
             idx, w = xs
-            (loss, _), g = jax.value_and_grad(qm_loss, has_aux=True)(params, qm_frames, idx, w)
+            (loss, _), g = qm_grad(params, qm_frames, idx, w)
             share = jnp.sum(w) / total
             loss_acc, g_acc = acc
             return (
@@ -914,9 +922,10 @@ class StableTrainer:
         while self.budget_left():
             t0 = time.perf_counter()
             state, record = run_epoch(self.state, self.setup)
-            state = state.replace(
-                time_s=np.asarray(float(state.time_s) + time.perf_counter() - t0, np.float64)
-            )
+            # With several processes the wall time is process 0's, so that every process
+            # takes the same `max_time_s` decision (one collective per epoch).
+            elapsed = sharding.from_process_0(time.perf_counter() - t0)
+            state = state.replace(time_s=np.asarray(float(state.time_s) + elapsed, np.float64))
             self.state = state
             record.update(
                 epoch=int(state.epoch),
@@ -940,7 +949,7 @@ class StableTrainer:
         """The per-epoch metrics records so far (`stable/metrics.jsonl`), oldest first."""
         if self.writer is None:
             return []
-        return read_metrics(self.writer.path)
+        return self.writer.records()
 
 
 def _validate(config, species, initial_positions, qm_frames):

@@ -26,6 +26,12 @@ function) measured separately; evaluations (frames) per second as the best of
 `--repeats` timed loops, each `block_until_ready`-ed; `flops_per_call` from
 XLA's cost analysis of the compiled call (None where the backend gives none)
 and `achieved_gflops` = flops_per_call x calls/s / 1e9.
+  passes: the library's own layout (`stablejax.batching`, used by the MD engine
+    and the QM trainer): one vmap on an accelerator; on a CPU `lax.map` over
+    passes of `frames_per_pass` frames (about `CPU_EDGES_PER_PASS` edges each),
+    checked against vmap like the disjoint one; `passes_speedup` = its
+    evaluations/s / vmap's, `batching_efficiency_passes` its b_large / b1.
+
 Per model: `batching_efficiency` = frame evaluations/s at the largest aspirin
 batch (128 by default; `batching_efficiency_batch`) / at batch 1, for the vmap
 layout and (`batching_efficiency_disjoint`) the disjoint one; per aspirin case
@@ -52,6 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax_md import partition, space
 
+from stablejax import batching
 from stablejax.potentials import factory, testing
 from stablejax.potentials.base import all_pairs_edges
 from stablejax.potentials.common import count_params
@@ -298,6 +305,30 @@ def benchmark_model(
             case["disjoint_speedup"] = (
                 case["disjoint"]["evaluations_per_s"] / case["evaluations_per_s"]
             )
+        # The library's own layout (`stablejax.batching`, what the MD engine and the QM
+        # trainer use): one vmap on an accelerator, passes of a few frames on a CPU.
+        per_pass = batching.frames_per_pass(batch, edges_per_frame=int(edges.shape[-1]))
+
+        def passes(params, xs):
+            return batching.map_frames(
+                lambda p: ef(params, species_j, p, edges, None), xs, per_pass=per_pass
+            )
+
+        compiled_p, t_compile_p = _compile(passes, (params, xs))
+        e_ref, f_ref = compiled(params, xs)
+        e_p, f_p = compiled_p(params, xs)
+        err_e, err_f = _max_rel_err(e_p, e_ref), _max_rel_err(f_p, f_ref)
+        if not (err_e <= DISJOINT_RTOL and err_f <= DISJOINT_RTOL):
+            raise RuntimeError(f"{name} aspirin_b{batch}: the passes layout differs from vmap")
+        case["passes"] = {
+            "frames_per_pass": per_pass,
+            "rel_err_energy": err_e,
+            "rel_err_forces": err_f,
+            **_timing(
+                compiled_p, (params, xs), batch, t_compile_p, repeats=repeats, min_time=min_time
+            ),
+        }
+        case["passes_speedup"] = case["passes"]["evaluations_per_s"] / case["evaluations_per_s"]
         result["cases"][f"aspirin_b{batch}"] = case
         _progress(name, f"aspirin_b{batch}", case)
 
@@ -306,6 +337,9 @@ def benchmark_model(
         small, large = result["cases"]["aspirin_b1"], result["cases"][f"aspirin_b{b_large}"]
         result["batching_efficiency_batch"] = b_large
         result["batching_efficiency"] = large["evaluations_per_s"] / small["evaluations_per_s"]
+        result["batching_efficiency_passes"] = (
+            large["passes"]["evaluations_per_s"] / small["passes"]["evaluations_per_s"]
+        )
         if disjoint:
             result["batching_efficiency_disjoint"] = (
                 large["disjoint"]["evaluations_per_s"] / small["disjoint"]["evaluations_per_s"]
@@ -427,6 +461,8 @@ def main(argv=None) -> dict:
             rows = [(c.get("layout", "-"), c, None)]
             if "disjoint" in c:
                 rows.append(("disjoint", c["disjoint"], c["disjoint_speedup"]))
+            if "passes" in c:
+                rows.append(("passes", c["passes"], c["passes_speedup"]))
             for layout, r, speedup in rows:
                 mflop = None if r["flops_per_call"] is None else r["flops_per_call"] / 1e6
                 print(
@@ -442,6 +478,7 @@ def main(argv=None) -> dict:
             )
             if "batching_efficiency_disjoint" in res:
                 line += f", disjoint {res['batching_efficiency_disjoint']:.2f}"
+            line += f", passes {res['batching_efficiency_passes']:.2f}"
             print(line)
     print(f"wrote {path}")
     return report

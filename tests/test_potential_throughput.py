@@ -136,6 +136,16 @@ def test_json_has_flops_batching_efficiency_and_disjoint_speedup(tmp_path):
         b4["disjoint"]["evaluations_per_s"] / b1["disjoint"]["evaluations_per_s"]
     )
     assert "disjoint" not in res["cases"]["water_192"]
+    # The library's layout (stablejax.batching): 420-edge frames, so 2 per pass on a CPU.
+    on_cpu = jax.default_backend() == "cpu"
+    assert b4["passes"]["frames_per_pass"] == (2 if on_cpu else 4)
+    for c in (b1, b4):
+        p = c["passes"]
+        assert p["rel_err_energy"] <= pt.DISJOINT_RTOL and p["rel_err_forces"] <= pt.DISJOINT_RTOL
+        assert c["passes_speedup"] == pytest.approx(p["evaluations_per_s"] / c["evaluations_per_s"])
+    assert res["batching_efficiency_passes"] == pytest.approx(
+        b4["passes"]["evaluations_per_s"] / b1["passes"]["evaluations_per_s"]
+    )
 
 
 def test_flops_reads_dict_and_list_cost_analyses():

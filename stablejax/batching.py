@@ -41,6 +41,8 @@ def frames_per_pass(n_frames: int, setting: int | None = None, *, edges_per_fram
     on an accelerator, and on a CPU as many as share `CPU_EDGES_PER_PASS` edges (one when
     `edges_per_frame` is not given). See the module docstring."""
     n = max(1, int(n_frames))
+    if setting is not None and int(setting) < 0:
+        raise ValueError(f"frames/replicas per pass must be >= 0 (0: automatic), got {setting}")
     if setting:
         return max(1, min(int(setting), n))
     if jax.default_backend() != "cpu":

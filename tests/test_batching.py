@@ -45,6 +45,8 @@ def test_map_frames_and_pass_sizes():
             batching.map_frames(lambda x: x * x[0], xs, per_pass=k), xs * xs[:, :1]
         )
     assert batching.frames_per_pass(8, 3) == 3 and batching.frames_per_pass(2, 5) == 2
+    with pytest.raises(ValueError, match="per pass must be >= 0"):
+        batching.frames_per_pass(8, -1)
     on_cpu = jax.default_backend() == "cpu"
     assert batching.frames_per_pass(8) == (1 if on_cpu else 8)
     edges = batching.CPU_EDGES_PER_PASS // 4

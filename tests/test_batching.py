@@ -77,7 +77,9 @@ def test_qm_loss_value_and_grad_equals_differentiating_the_batch_loss():
 
 @pytest.mark.parametrize("integrator", [md.Langevin(dt_fs=2.0), md.BerendsenNPT(dt_fs=2.0)])
 def test_md_replicas_one_per_pass_follow_the_vmapped_trajectories(integrator):
-    """Periodic LJ with neighbour lists (and NPT's virial): 4 replicas, 60 steps."""
+    """Periodic LJ with neighbour lists (and NPT's virial): 4 replicas, 60 steps; a small
+    skin so that the lists are rebuilt inside the run (one replica per pass builds them one
+    at a time, with lax.map)."""
     positions, box = lattice(3, 11.0)
     rng = np.random.default_rng(2)
     starts = positions[None] + 0.05 * rng.normal(size=(4,) + positions.shape)
@@ -86,10 +88,14 @@ def test_md_replicas_one_per_pass_follow_the_vmapped_trajectories(integrator):
     for k in (4, 1):
         sim = md.Simulator(
             make_lj(cutoff=5.0), species=np.full(len(positions), 18), box=box,
-            integrator=integrator, cutoff=5.0, chunk_steps=20, replicas_per_pass=k,
+            integrator=integrator, cutoff=5.0, skin=0.2, chunk_steps=20, replicas_per_pass=k,
         )  # fmt: skip
         state = sim.init(jax.random.key(0), params, starts, units.kT_from_kelvin(80.0))
+        built_at_start = np.asarray(state.neighbors.reference)
         state, traj = sim.run(params, state, 60, record_every=20)
-        out[k] = (np.asarray(traj.position), np.asarray(state.box))
+        reference = np.asarray(state.neighbors.reference)
+        assert np.abs(reference - built_at_start).max() > 1e-6, "no list was rebuilt"
+        out[k] = (np.asarray(traj.position), np.asarray(state.box), reference)
     np.testing.assert_allclose(out[1][0], out[4][0], rtol=0, atol=1e-10)
     np.testing.assert_allclose(out[1][1], out[4][1], rtol=1e-12)
+    np.testing.assert_allclose(out[1][2], out[4][2], rtol=0, atol=1e-12)

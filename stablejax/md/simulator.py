@@ -350,6 +350,24 @@ class Simulator:
 
         return batching.map_frames(one, xs, per_pass=per_pass)
 
+    def _batched_build(self, layout, position, box, capacity):
+        """Neighbour lists of every replica, with the same pass rule as the forces: one
+        vmapped build on an accelerator or a mesh, a replica at a time on a CPU, where a
+        vmapped cell-list build (scatter-heavy) cost 2.2x more per replica at R = 8 than
+        at R = 1 (512-atom LJ fluid)."""
+        n_replicas = position.shape[0]
+        per_pass = n_replicas
+        if self.mesh is None:
+            per_pass = batching.frames_per_pass(
+                n_replicas, self.replicas_per_pass, edges_per_frame=capacity
+            )
+        xs = {"position": position} if box is None else {"position": position, "box": box}
+        return batching.map_frames(
+            lambda x: _neighbors.build(layout, x["position"], x.get("box"), capacity),
+            xs,
+            per_pass=per_pass,
+        )
+
     def _edges(self, state):
         if self._free_edges is not None:
             return jnp.asarray(self._free_edges)
@@ -528,7 +546,10 @@ class Simulator:
     def _build_jit(self, layout, capacity):
         key = ("build", id(layout), capacity)
         if key not in self._chunk_cache:
-            build = jax.vmap(lambda r, b: _neighbors.build(layout, r, b, capacity), in_axes=(0, 0))
+
+            def build(position, box):
+                return self._batched_build(layout, position, box, capacity)
+
             self._chunk_cache[key] = (layout, jax.jit(build))
         return self._chunk_cache[key][1]
 
@@ -566,9 +587,7 @@ class Simulator:
                     capacity = new.neighbors.edges.shape[-1]
 
                     def rebuild(nb):
-                        built = jax.vmap(lambda r, b: _neighbors.build(layout, r, b, capacity))(
-                            new.position, new.box
-                        )
+                        built = self._batched_build(layout, new.position, new.box, capacity)
                         built = built.set(error=built.error | nb.error)
                         if not periodic:
                             # Free space: only the replicas that need a list take it,

@@ -32,8 +32,14 @@ PyTree = Any
 
 #: Edges per pass on a CPU when the pass size is chosen automatically: the frames of a pass
 #: share about this many edges (one 192-atom water frame at 4-5 Å has 5,000-10,000, so it
-#: goes alone; an all-pairs aspirin frame has 420, so 2 go together; tiny systems batch).
-CPU_EDGES_PER_PASS = 1024
+#: goes alone; an all-pairs aspirin frame has 420, so 4 go together; tiny systems batch).
+#: Chosen from one sweep on 2 cores (interleaved, min of repeats): aspirin MD with the paper
+#: SchNet at 32 replicas, 398 / 638 / 697 / 505 replica-steps/s at 2 / 4 / 8 / 32 (vmap) per
+#: pass; the quick aspirin QM gradient of 32 frames 129 / 85 / 102 / 182 ms at 2 / 4 / 8 /
+#: 32. A cheap pair network (benzene + Morse, 132 edges) would rather take all 128 replicas
+#: at once (0.44 vs 0.52-0.55 ms per step at 7-15 per pass): the rule is a proxy for the
+#: working set, not exact.
+CPU_EDGES_PER_PASS = 2048
 
 
 def frames_per_pass(n_frames: int, setting: int | None = None, *, edges_per_frame=None) -> int:

@@ -402,12 +402,22 @@ def pretrain(config, potential, params, train, val, workdir):
         potential, params, train, val, config=cfg, workdir=os.path.join(workdir, "pretrain")
     )
     if history:
-        last = history[-1]
-        log(
-            f"pre-training done: val force MAE {last.get('val_force_mae_meV_per_A', float('nan')):.1f}"
-            f" meV/Å after {last.get('epoch')} epochs"
-        )
+        log(pretrain_summary(history))
     return params
+
+
+def pretrain_summary(history: list[dict]) -> str:
+    """The log line of a finished pre-training: the kept (best validation) epoch and its
+    force MAE, and the last epoch's (a run that diverged late stops on patience with a much
+    worse last epoch than the model it keeps)."""
+    last = history[-1]
+    kept = next((h for h in history if h.get("epoch") == last.get("best_epoch")), last)
+    nan = float("nan")
+    return (
+        f"pre-training done after {last.get('epoch')} epochs: kept epoch {kept.get('epoch')}"
+        f" (val force MAE {kept.get('val_force_mae_meV_per_A', nan):.1f} meV/Å; last epoch"
+        f" {last.get('val_force_mae_meV_per_A', nan):.1f})"
+    )
 
 
 def _qm_train_config(config, **overrides) -> dict:

@@ -211,3 +211,16 @@ def test_same_dynamics_ignores_only_the_energy_shift():
     assert _same_dynamics(shifted, {"baseline": base}) == "baseline"
     assert _same_dynamics(changed, {"baseline": base}) is None
     assert _same_dynamics(base, {}) is None
+
+
+def test_pretrain_summary_reports_the_kept_epoch_not_the_last():
+    """A run that diverged after its best epoch keeps the best model: the log must say
+    which epoch it kept and its validation error, not only the last (diverged) one."""
+    history = [
+        {"epoch": 1, "val_force_mae_meV_per_A": 300.0, "best_epoch": 1},
+        {"epoch": 2, "val_force_mae_meV_per_A": 68.1, "best_epoch": 2},
+        {"epoch": 3, "val_force_mae_meV_per_A": 816.2, "best_epoch": 2},
+    ]
+    line = pipeline.pretrain_summary(history)
+    assert "after 3 epochs" in line and "kept epoch 2" in line
+    assert "val force MAE 68.1 meV/Å" in line and "last epoch 816.2" in line

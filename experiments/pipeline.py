@@ -277,12 +277,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     )
     need(
         not (
-            config.observable.name == "min_intermolecular_distance"
+            config.observable.name in ("min_intermolecular_distance", "contact_shortfall")
             and st.estimator == "local"
             and st.local_k_nearest < 1
         ),
         "stable.local_k_nearest",
-        "the local 'min_intermolecular_distance' observable needs neighbourhoods of several "
+        f"the local {config.observable.name!r} observable needs neighbourhoods of several "
         "molecules (>= 1)",
     )
     # The replica counts must split evenly over the selected devices (no padding:

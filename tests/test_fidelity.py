@@ -598,6 +598,69 @@ def test_min_intermolecular_distance_observable_matches_brute_force():
         pipeline.observable_target(c, System(species, box, bonds, molecules=mol), data)
 
 
+def test_contact_shortfall_observable_matches_brute_force():
+    """s = max(0, d_ref - d) per neighbourhood with d_ref the training mean of d (the
+    closest intermolecular pair); its reference is the training mean of s; globally the
+    same over whole frames. One-sided: pulling a neighbourhood's molecules apart beyond
+    d_ref gives s = 0, pushing two of them together raises s by the distance lost."""
+    frames, species, box = _water_frames(n_mol=6, n_frames=3, seed=5)
+    c = water_config.get_config("test")
+    with c.unlocked():
+        c.observable.name = "contact_shortfall"
+        c.stable.local_k_nearest = 2
+    mol = np.repeat(np.arange(6), 3)
+    bonds = np.asarray([(3 * m, 3 * m + h) for m in range(6) for h in (1, 2)])
+    data = Dataset(species=species, positions=frames, energies=np.zeros(3),
+                   forces=np.zeros_like(frames), box=box, source="synthetic")  # fmt: skip
+    system = System(species, box, bonds, molecules=mol)
+    target = pipeline.observable_target(c, system, data)
+    rows, d = [], []
+    for x in frames:
+        members = np.asarray(target.neighbourhoods(jnp.asarray(x), jnp.asarray(box)))
+        for row in members:
+            rows.append((x, row))
+            d.append(_brute_force_min_intermolecular(x, row, box))
+    d_ref = np.mean(d)
+    s = np.maximum(d_ref - np.asarray(d), 0.0)
+    assert 0 < np.count_nonzero(s) < len(s)  # the test frames have both kinds
+    for (x, row), expect in zip(rows, s, strict=True):
+        got = float(target.local_observable_fn(jnp.asarray(x), jnp.asarray(row))[0])
+        assert got == pytest.approx(expect, abs=1e-6)
+    np.testing.assert_allclose(target.reference, [s.mean()], rtol=1e-6)
+
+    # One-sided: two molecules whose hydrogens point away from each other, so that their
+    # oxygens are the closest pair, in a neighbourhood of the two only.
+    def pair_frame(separation):
+        x = frames[0].copy()
+        o0 = np.array([2.0, 2.0, 2.0])
+        o1 = o0 + np.array([separation, 0.0, 0.0])
+        away = 0.96 * np.array([[-0.6, 0.8, 0.0], [-0.6, -0.8, 0.0]])
+        x[0:3] = [o0, o0 + away[0], o0 + away[1]]
+        x[3:6] = [o1, o1 - away[0] * [1, -1, 1], o1 - away[1] * [1, -1, 1]]
+        return x
+
+    row = np.zeros(18, bool)
+    row[:6] = True  # molecules 0 and 1
+    for separation, expect in ((d_ref + 0.5, 0.0), (d_ref - 0.3, 0.3)):
+        x = pair_frame(separation)
+        assert _brute_force_min_intermolecular(x, row, box) == pytest.approx(separation)
+        got = float(target.local_observable_fn(jnp.asarray(x), jnp.asarray(row))[0])
+        assert got == pytest.approx(expect, abs=1e-5)
+
+    with c.unlocked():
+        c.stable.estimator = "global"
+    glob = pipeline.observable_target(c, system, data)
+    whole = np.array([_brute_force_min_intermolecular(x, np.ones(18, bool), box) for x in frames])
+    expect = np.maximum(whole.mean() - whole, 0.0)
+    np.testing.assert_allclose(glob.reference, [expect.mean()], rtol=1e-6)
+    for x, e in zip(frames, expect, strict=True):
+        assert float(glob.observable_fn(jnp.asarray(x))[0]) == pytest.approx(e, abs=1e-6)
+    with c.unlocked():
+        c.stable.estimator, c.stable.local_k_nearest = "local", 0
+    with pytest.raises(ValueError, match="local_k_nearest"):
+        pipeline.observable_target(c, system, data)
+
+
 def test_learning_step_compiles_once_across_steps():
     """New samples, selections, QM chunk weights, lr and optimizer state never retrace
     the jitted learning step (chex fails a second trace)."""

@@ -128,7 +128,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     # --- training observable ----------------------------------------------------------
     c.observable = ml_collections.ConfigDict()
-    c.observable.name = "distance_histogram"  # | 'oh_bond_length' | 'rdf'
+    c.observable.name = "distance_histogram"  # any key of stablejax.training.targets.TARGETS
     c.observable.r_max = 10.0  # Å
     c.observable.dr = 0.02  # Å
     c.observable.sigma = 0.01  # Å (Gaussian smearing)

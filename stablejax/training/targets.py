@@ -58,12 +58,29 @@ def _neighbourhoods_fn(config, mol):
 
 
 def min_intermolecular_target(config, system: System, positions) -> ObservableTarget:
-    """Closest intermolecular atom pair (Å): of the frame (global) or among the
+    """Closest intermolecular atom pair d (Å): of the frame (global) or among the
     neighbourhood's molecules (local; needs stable.local_k_nearest >= 1). The reference is
     the training frames' mean, computed with the same neighbourhoods."""
+    return _closest_contact_target(config, system, positions, shortfall=False)
+
+
+def contact_shortfall_target(config, system: System, positions) -> ObservableTarget:
+    """One-sided close-contact observable s = max(0, d_ref - d) (Å), with d the closest
+    intermolecular atom pair (as in `min_intermolecular_target`) and d_ref the training
+    frames' mean of d over the same frames or neighbourhoods. Its reference is the training
+    frames' mean of s. No free parameter; a collision can only raise s, so the loss
+    gradient always asks for fewer close contacts (the two-sided d also moves when
+    molecules drift apart, and a stratified sample's mean of d can sit at d_ref while
+    molecules collide)."""
+    return _closest_contact_target(config, system, positions, shortfall=True)
+
+
+def _closest_contact_target(config, system: System, positions, *, shortfall: bool):
+    name = "contact_shortfall" if shortfall else "min_intermolecular_distance"
+    label = "close-contact shortfall" if shortfall else "min intermolecular distance"
     mol = system.molecules
     if mol is None or len(np.unique(mol)) < 2:
-        raise ValueError("observable 'min_intermolecular_distance' needs several molecules")
+        raise ValueError(f"observable {name!r} needs several molecules")
     mol = np.asarray(mol)
     box = system.box
     pairs = stability.intermolecular_pairs(mol)
@@ -72,20 +89,28 @@ def min_intermolecular_target(config, system: System, positions) -> ObservableTa
     def pair_distances(x):
         return geometry.pair_distances(x, i, j, box)
 
-    def fn(x):
+    def closest(x):
         return jnp.min(pair_distances(x)).reshape(1)
 
     positions = jnp.asarray(positions)
     if config.stable.estimator != "local":
-        ref = np.asarray(jax.jit(jax.vmap(fn))(positions)).mean(axis=0)
-        return ObservableTarget("min intermolecular distance", ref, observable_fn=fn)
+        d = np.asarray(jax.jit(jax.vmap(closest))(positions))  # [m, 1]
+        if not shortfall:
+            return ObservableTarget(label, d.mean(axis=0), observable_fn=closest)
+        d_ref = jnp.asarray(d.mean(axis=0))
+
+        def fn(x):
+            return jnp.maximum(d_ref - closest(x), 0.0)
+
+        ref = np.maximum(np.asarray(d_ref) - d, 0.0).mean(axis=0)
+        return ObservableTarget(label, ref, observable_fn=fn)
     if int(config.stable.local_k_nearest) < 1:
         raise ValueError(
-            "config.stable.local_k_nearest: the local 'min_intermolecular_distance' "
-            "observable needs neighbourhoods of several molecules (>= 1)"
+            f"config.stable.local_k_nearest: the local {name!r} observable needs "
+            "neighbourhoods of several molecules (>= 1)"
         )
 
-    def local_fn(x, member_mask):
+    def local_closest(x, member_mask):
         inside = member_mask[i] & member_mask[j]
         return jnp.min(jnp.where(inside, pair_distances(x), jnp.inf)).reshape(1)
 
@@ -94,15 +119,23 @@ def min_intermolecular_target(config, system: System, positions) -> ObservableTa
 
     def per_frame(x):
         members = neighbourhoods(x, frame_box)
-        return jax.vmap(local_fn, in_axes=(None, 0))(x, members)
+        return jax.vmap(local_closest, in_axes=(None, 0))(x, members)
 
-    ref = np.asarray(jax.jit(jax.vmap(per_frame))(positions)).mean(axis=(0, 1))
-    return ObservableTarget(
-        "min intermolecular distance",
-        ref,
-        local_observable_fn=local_fn,
-        neighbourhoods=neighbourhoods,
-    )
+    d = np.asarray(jax.jit(jax.vmap(per_frame))(positions))  # [m, n_neighbourhoods, 1]
+    if not shortfall:
+        return ObservableTarget(
+            label,
+            d.mean(axis=(0, 1)),
+            local_observable_fn=local_closest,
+            neighbourhoods=neighbourhoods,
+        )
+    d_ref = jnp.asarray(d.mean(axis=(0, 1)))
+
+    def local_fn(x, member_mask):
+        return jnp.maximum(d_ref - local_closest(x, member_mask), 0.0)
+
+    ref = np.maximum(np.asarray(d_ref) - d, 0.0).mean(axis=(0, 1))
+    return ObservableTarget(label, ref, local_observable_fn=local_fn, neighbourhoods=neighbourhoods)
 
 
 def distance_histogram_target(config, system: System, positions) -> ObservableTarget:
@@ -191,6 +224,7 @@ TARGETS = {
     "oh_bond_length": oh_bond_length_target,
     "oh_bond_lengths": oh_bond_lengths_target,
     "min_intermolecular_distance": min_intermolecular_target,
+    "contact_shortfall": contact_shortfall_target,
 }
 
 

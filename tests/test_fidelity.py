@@ -566,17 +566,24 @@ def _brute_force_min_intermolecular(x, members_row, box):
     return best
 
 
-def test_min_intermolecular_distance_observable_matches_brute_force():
-    frames, species, box = _water_frames(n_mol=6, n_frames=2, seed=4)
+def _six_water_target(observable, n_frames, seed):
+    """Random 6-water frames, the `test` water config with `observable` over neighbourhoods
+    of a molecule and its 2 nearest, its System and Dataset, and the built target."""
+    frames, species, box = _water_frames(n_mol=6, n_frames=n_frames, seed=seed)
     c = water_config.get_config("test")
     with c.unlocked():
-        c.observable.name = "min_intermolecular_distance"
+        c.observable.name = observable
         c.stable.local_k_nearest = 2
     mol = np.repeat(np.arange(6), 3)
     bonds = np.asarray([(3 * m, 3 * m + h) for m in range(6) for h in (1, 2)])
-    data = Dataset(species=species, positions=frames, energies=np.zeros(2),
+    data = Dataset(species=species, positions=frames, energies=np.zeros(n_frames),
                    forces=np.zeros_like(frames), box=box, source="synthetic")  # fmt: skip
-    target = pipeline.observable_target(c, System(species, box, bonds, molecules=mol), data)
+    system = System(species, box, bonds, molecules=mol)
+    return frames, box, c, system, data, pipeline.observable_target(c, system, data)
+
+
+def test_min_intermolecular_distance_observable_matches_brute_force():
+    frames, box, c, system, data, target = _six_water_target("min_intermolecular_distance", 2, 4)
     values = []
     for x in frames:
         members = np.asarray(target.neighbourhoods(jnp.asarray(x), jnp.asarray(box)))
@@ -589,13 +596,13 @@ def test_min_intermolecular_distance_observable_matches_brute_force():
     np.testing.assert_allclose(target.reference, [np.mean(values)], rtol=1e-6)
     with c.unlocked():
         c.stable.estimator = "global"
-    glob = pipeline.observable_target(c, System(species, box, bonds, molecules=mol), data)
+    glob = pipeline.observable_target(c, system, data)
     whole = [_brute_force_min_intermolecular(x, np.ones(18, bool), box) for x in frames]
     np.testing.assert_allclose(glob.reference, [np.mean(whole)], rtol=1e-6)
     with c.unlocked():
         c.stable.estimator, c.stable.local_k_nearest = "local", 0
     with pytest.raises(ValueError, match="local_k_nearest"):
-        pipeline.observable_target(c, System(species, box, bonds, molecules=mol), data)
+        pipeline.observable_target(c, system, data)
 
 
 def test_contact_shortfall_observable_matches_brute_force():
@@ -603,17 +610,7 @@ def test_contact_shortfall_observable_matches_brute_force():
     closest intermolecular pair); its reference is the training mean of s; globally the
     same over whole frames. One-sided: pulling a neighbourhood's molecules apart beyond
     d_ref gives s = 0, pushing two of them together raises s by the distance lost."""
-    frames, species, box = _water_frames(n_mol=6, n_frames=3, seed=5)
-    c = water_config.get_config("test")
-    with c.unlocked():
-        c.observable.name = "contact_shortfall"
-        c.stable.local_k_nearest = 2
-    mol = np.repeat(np.arange(6), 3)
-    bonds = np.asarray([(3 * m, 3 * m + h) for m in range(6) for h in (1, 2)])
-    data = Dataset(species=species, positions=frames, energies=np.zeros(3),
-                   forces=np.zeros_like(frames), box=box, source="synthetic")  # fmt: skip
-    system = System(species, box, bonds, molecules=mol)
-    target = pipeline.observable_target(c, system, data)
+    frames, box, c, system, data, target = _six_water_target("contact_shortfall", 3, 5)
     rows, d = [], []
     for x in frames:
         members = np.asarray(target.neighbourhoods(jnp.asarray(x), jnp.asarray(box)))

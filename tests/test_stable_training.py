@@ -369,10 +369,12 @@ def test_data_sizes_are_checked_after_loading():
     assert (train.n_frames, val.n_frames, test.n_frames) == (15, 2, 3)
 
 
-def test_local_min_intermolecular_observable_needs_neighbours_before_work():
+@pytest.mark.parametrize("observable", ["min_intermolecular_distance", "contact_shortfall"])
+def test_local_min_intermolecular_observable_needs_neighbours_before_work(observable):
     from experiments.configs import water as water_config
 
     config = water_config.get_config("quick")
+    config.observable.name = observable
     config.stable.local_k_nearest = 0
     with pytest.raises(ValueError, match=r"config\.stable\.local_k_nearest:"):
         pipeline.validate_config(config)

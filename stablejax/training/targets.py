@@ -94,48 +94,39 @@ def _closest_contact_target(config, system: System, positions, *, shortfall: boo
 
     positions = jnp.asarray(positions)
     if config.stable.estimator != "local":
+        closest_fn, neighbourhoods, axes = closest, None, (0,)
         d = np.asarray(jax.jit(jax.vmap(closest))(positions))  # [m, 1]
-        if not shortfall:
-            return ObservableTarget(label, d.mean(axis=0), observable_fn=closest)
-        d_ref = jnp.asarray(d.mean(axis=0))
+    else:
+        if int(config.stable.local_k_nearest) < 1:
+            raise ValueError(
+                f"config.stable.local_k_nearest: the local {name!r} observable needs "
+                "neighbourhoods of several molecules (>= 1)"
+            )
 
-        def fn(x):
-            return jnp.maximum(d_ref - closest(x), 0.0)
+        def closest_fn(x, member_mask):
+            inside = member_mask[i] & member_mask[j]
+            return jnp.min(jnp.where(inside, pair_distances(x), jnp.inf)).reshape(1)
 
-        ref = np.maximum(np.asarray(d_ref) - d, 0.0).mean(axis=0)
-        return ObservableTarget(label, ref, observable_fn=fn)
-    if int(config.stable.local_k_nearest) < 1:
-        raise ValueError(
-            f"config.stable.local_k_nearest: the local {name!r} observable needs "
-            "neighbourhoods of several molecules (>= 1)"
-        )
+        neighbourhoods = _neighbourhoods_fn(config, mol)
+        frame_box = None if box is None else jnp.asarray(box)
 
-    def local_closest(x, member_mask):
-        inside = member_mask[i] & member_mask[j]
-        return jnp.min(jnp.where(inside, pair_distances(x), jnp.inf)).reshape(1)
+        def per_frame(x):
+            members = neighbourhoods(x, frame_box)
+            return jax.vmap(closest_fn, in_axes=(None, 0))(x, members)
 
-    neighbourhoods = _neighbourhoods_fn(config, mol)
-    frame_box = None if box is None else jnp.asarray(box)
+        d = np.asarray(jax.jit(jax.vmap(per_frame))(positions))  # [m, n_neighbourhoods, 1]
+        axes = (0, 1)
+    fn = closest_fn
+    if shortfall:
+        d_ref = d.mean(axis=axes)
+        d = np.maximum(d_ref - d, 0.0)
+        d_ref = jnp.asarray(d_ref)
 
-    def per_frame(x):
-        members = neighbourhoods(x, frame_box)
-        return jax.vmap(local_closest, in_axes=(None, 0))(x, members)
+        def fn(*args):
+            return jnp.maximum(d_ref - closest_fn(*args), 0.0)
 
-    d = np.asarray(jax.jit(jax.vmap(per_frame))(positions))  # [m, n_neighbourhoods, 1]
-    if not shortfall:
-        return ObservableTarget(
-            label,
-            d.mean(axis=(0, 1)),
-            local_observable_fn=local_closest,
-            neighbourhoods=neighbourhoods,
-        )
-    d_ref = jnp.asarray(d.mean(axis=(0, 1)))
-
-    def local_fn(x, member_mask):
-        return jnp.maximum(d_ref - local_closest(x, member_mask), 0.0)
-
-    ref = np.maximum(np.asarray(d_ref) - d, 0.0).mean(axis=(0, 1))
-    return ObservableTarget(label, ref, local_observable_fn=local_fn, neighbourhoods=neighbourhoods)
+    which = "observable_fn" if neighbourhoods is None else "local_observable_fn"
+    return ObservableTarget(label, d.mean(axis=axes), **{which: fn}, neighbourhoods=neighbourhoods)
 
 
 def distance_histogram_target(config, system: System, positions) -> ObservableTarget:

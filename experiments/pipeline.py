@@ -754,6 +754,9 @@ def evaluate_models(
         )
     if config.reductions:
         notes += f"\n\nPreset reductions w.r.t. the paper: {config.reductions}"
+    overrides = preset_overrides(config)
+    if overrides:
+        notes += "\n\n" + _overrides_text(overrides, config.preset) + "."
     final = write_report(
         out_dir,
         results,
@@ -937,6 +940,34 @@ def check_workdir_config(config, workdir) -> list[str]:
     return later
 
 
+def preset_overrides(config) -> dict[str, tuple]:
+    """Fields of `config` that differ from its preset in `experiments/configs/<system>.py`
+    (command-line overrides such as `--config.observable.name=...`): {field: (value,
+    preset value)}. Logging, device and cache fields are left out; empty when the system
+    or preset is not one of ours."""
+    import importlib
+
+    try:
+        module = importlib.import_module(f"experiments.configs.{config.system}")
+        preset = module.get_config(config.preset)
+    except (ImportError, ValueError, AttributeError, TypeError):
+        return {}
+    ours = _flatten(json.loads(config.to_json_best_effort()))
+    theirs = _flatten(json.loads(preset.to_json_best_effort()))
+    return {
+        k: (ours.get(k, "<absent>"), theirs.get(k, "<absent>"))
+        for k in sorted(ours.keys() | theirs.keys())
+        if ours.get(k, "<absent>") != theirs.get(k, "<absent>")
+        and not k.startswith(_IGNORED_FIELDS + ("data.cache_dir",))
+    }
+
+
+def _overrides_text(overrides: dict, preset: str) -> str:
+    return f"Changed from the `{preset}` preset: " + "; ".join(
+        f"{k} = {v!r} (preset {p!r})" for k, (v, p) in overrides.items()
+    )
+
+
 def write_config(config, workdir) -> None:
     """`workdir/config.json`: the resolved config plus `runtime` (n_devices, n_processes,
     platform) of this run."""
@@ -1089,7 +1120,16 @@ def run_seeds(config: ml_collections.ConfigDict, workdir: str, seeds) -> dict:
         per_seed[int(k)] = run(cfg, os.path.join(workdir, f"seed_{k}"))
         wall[int(k)] = time.time() - t0
     summary = summarize_seeds(per_seed, wall_time_s=wall)
-    summary["config"] = {"system": config.system, "preset": config.preset}
+    summary["config"] = {
+        "system": config.system,
+        "preset": config.preset,
+        # `seed` is set per seed by --seeds; any other difference came from the command line.
+        "overrides": {
+            k: {"value": v, "preset": p}
+            for k, (v, p) in preset_overrides(config).items()
+            if k != "seed"
+        },
+    }
     if _main():
         write_text(
             os.path.join(workdir, "summary.md"),
@@ -1221,6 +1261,13 @@ def summary_markdown(summary: dict, *, title: str) -> str:
         "of the per-seed medians; pooled: all replicas of all seeds, median with its "
         "order-statistic CI.",
         "",
+    ]
+    overrides = summary.get("config", {}).get("overrides") or {}
+    if overrides:
+        preset = summary["config"].get("preset", "")
+        text = {k: (o["value"], o["preset"]) for k, o in overrides.items()}
+        lines += [_overrides_text(text, preset) + ".", ""]
+    lines += [
         "| | " + " | ".join(names) + " |",
         "|---|" + "---|" * len(names),
     ]

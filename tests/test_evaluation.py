@@ -378,6 +378,10 @@ def test_summary_over_seeds_pools_pairs_by_seed_and_state():
     assert s["models"]["stable"]["pooled"]["n_replicas"] == 12
     md_text = pipeline.summary_markdown(s, title="x")
     assert "mean of medians" in md_text and "p = " in md_text
+    assert "Changed from" not in md_text
+    s["config"] = {"preset": "quick", "overrides": {"stable.qm_weight": {"value": 10.0, "preset": 0.0}}}  # fmt: skip
+    md_text = pipeline.summary_markdown(s, title="x")
+    assert "Changed from the `quick` preset: stable.qm_weight = 10.0 (preset 0.0)." in md_text
 
 
 def test_parse_seeds():

@@ -224,3 +224,21 @@ def test_pretrain_summary_reports_the_kept_epoch_not_the_last():
     line = pipeline.pretrain_summary(history)
     assert "after 3 epochs" in line and "kept epoch 2" in line
     assert "val force MAE 68.1 meV/Å" in line and "last epoch 816.2" in line
+
+
+@pytest.mark.parametrize("system", ["water", "aspirin", "tetrapeptide", "lj"])
+def test_preset_overrides_name_exactly_the_command_line_changes(system):
+    import importlib
+
+    module = importlib.import_module(f"experiments.configs.{system}")
+    config = module.get_config("quick")
+    assert pipeline.preset_overrides(config) == {}
+    preset = module.get_config("quick")
+    with config.unlocked():
+        config.seed = preset.seed + 3
+        config.stable.qm_weight = 123.0
+        config.log.tensorboard = not preset.log.tensorboard  # a logging sink: left out
+    assert pipeline.preset_overrides(config) == {
+        "seed": (preset.seed + 3, preset.seed),
+        "stable.qm_weight": (123.0, preset.stable.qm_weight),
+    }

@@ -266,6 +266,7 @@ def test_pipeline_test_preset_end_to_end(tmp_path):
     assert info["stable_learning_steps"] == n_learning
     assert n_learning > 0, "the test preset must exercise a learning phase"
     assert info["optimizer_steps"] >= n_learning
+    assert info["train_time_s"] >= info["stable_learning_time_s"] > 0
     assert info["val_force_mae_continued_meV_per_A"] > 0
     report = (tmp_path / "run" / "eval" / "report.md").read_text()
     assert "baseline_plus" in report

@@ -366,6 +366,28 @@ def test_early_stopping_and_time_budget(setup):
     assert len(hist) == 1
 
 
+def test_min_time_trains_past_the_epoch_count_until_the_time_has_passed(setup):
+    potential, params, train, val = setup
+    _, first = qm.train_qm(potential, params, train, val, config={**FAST, "epochs": 1})
+    # At least two more epochs' worth of time (the first epoch carries no compilation now).
+    min_time = 3.0 * first[-1]["time_s"]
+    _, hist = qm.train_qm(
+        potential, params, train, val, config={**FAST, "epochs": 1, "min_time_s": min_time}
+    )
+    assert len(hist) >= 2
+    assert hist[-1]["time_s"] >= min_time  # the bound holds ...
+    assert hist[-2]["time_s"] < min_time  # ... and training stops at the first epoch past it
+    # Once the epochs are done and the time has passed, the epoch count decides as before.
+    _, hist = qm.train_qm(
+        potential, params, train, val, config={**FAST, "epochs": 3, "min_time_s": 1e-9}
+    )
+    assert len(hist) == 3
+    with pytest.raises(ValueError, match="min_time_s"):
+        qm.train_qm(
+            potential, params, train, val, config={**FAST, "min_time_s": 5.0, "max_time_s": 1.0}
+        )
+
+
 # ----------------------------------------------------------------------------------------------
 # Metrics log
 # ----------------------------------------------------------------------------------------------

@@ -106,6 +106,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.ema_decay = 0.0  # EMA of params, e.g. 0.999; 0 = off
     c.seed = 0  # minibatch order
     c.max_time_s = 0.0  # wall-clock budget in seconds over all (resumed) sessions; 0 = none
+    # Keep training past `epochs` until this much wall time (s) over all sessions has passed
+    # (a lower bound, for budgets matched in time such as the `baseline_plus` control); 0 = none.
+    c.min_time_s = 0.0
     c.edges = "auto"  # 'auto' | 'all_pairs' | 'cutoff' (see module docstring)
     c.max_to_keep = 2  # checkpoints kept on disk
     c.progress = True  # tqdm progress bar
@@ -142,6 +145,13 @@ def _resolve_config(config) -> ml_collections.ConfigDict:
         raise ValueError(f"config.ema_decay must be in [0, 1), got {resolved.ema_decay}")
     if resolved.plateau_rtol <= 0:
         raise ValueError(f"config.plateau_rtol must be > 0, got {resolved.plateau_rtol}")
+    if resolved.min_time_s < 0 or (
+        resolved.max_time_s > 0 and resolved.min_time_s > resolved.max_time_s
+    ):
+        raise ValueError(
+            f"config.min_time_s must be >= 0 and <= max_time_s when that is set, got "
+            f"min_time_s={resolved.min_time_s}, max_time_s={resolved.max_time_s}"
+        )
     if resolved.energy_weight < 0 or resolved.force_weight < 0:
         raise ValueError("config.energy_weight and config.force_weight must be >= 0")
     if resolved.edges not in ("auto", "all_pairs", "cutoff"):
@@ -891,7 +901,7 @@ def train_qm(
     )
     try:
         while not int(state.stopped):
-            if int(state.epoch) >= cfg.epochs:
+            if int(state.epoch) >= cfg.epochs and float(state.time_s) >= cfg.min_time_s:
                 state = _stop(state, "max_epochs")
                 break
             if cfg.max_time_s > 0 and float(state.time_s) >= cfg.max_time_s:
